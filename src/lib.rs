@@ -1,0 +1,47 @@
+//! cuttle: an allowlisting egress forward proxy for AWS VPCs, a drop-in replacement for the
+//! Squid egress image (same environment variables, same decisions, Squid-compatible errors).
+//!
+//! # Layout
+//!
+//! The policy is pure: `settings`, `host`, `allowlist`, `client_acl`, `netset`, `guard` and
+//! `policy` do no I/O and never import the I/O modules, so they are unit-tested (and fuzzed) on
+//! their own. The I/O modules call [`policy::Policy::decide`] once per request and never
+//! re-implement a rule.
+//!
+//! | module | provides |
+//! |---|---|
+//! | [`settings`] | layered config (defaults < file < `CUTTLE_*` < Squid names < flags) validated into `Settings` |
+//! | [`host`] | host normalisation: case, trailing dot, IDNA, IP literals |
+//! | [`allowlist`] | destination rules: exact names, suffixes, globs, IP/CIDR entries, AWS regional defaults |
+//! | [`client_acl`] | client networks (`ALLOWED_CIDRS`), canonical client addresses |
+//! | [`netset`] | longest-prefix IP network sets shared by the CIDR checks |
+//! | [`guard`] | the destination address guard (metadata service, loopback, link-local, ...) |
+//! | [`policy`] | request targets and the decision over (client, request) |
+//! | [`resolve`] | hosts file, async DNS with cache, dialling guarded addresses only |
+//! | [`server`] | listeners, accept loop, connection limit, per-connection tasks, drain |
+//! | [`proxy`] | the request path: classify, decide, then tunnel / forward / local |
+//! | [`tunnel`] | `CONNECT` |
+//! | [`forward`] | plain HTTP forwarding over a pooled client |
+//! | [`local`] | `/healthz`, `/metrics` |
+//! | [`error`] | `ProxyError` and its one mapping to responses |
+//! | [`idle`] | the activity clock behind `CUTTLE_IDLE_TIMEOUT` |
+//! | [`signals`] | SIGTERM / SIGINT |
+
+#![forbid(unsafe_code)]
+
+pub mod allowlist;
+pub mod client_acl;
+pub mod error;
+pub mod forward;
+pub mod guard;
+pub mod host;
+pub mod idle;
+pub mod local;
+pub mod netset;
+pub mod policy;
+pub mod proxy;
+pub mod resolve;
+pub mod server;
+pub mod settings;
+pub mod signals;
+pub mod tunnel;

@@ -1,0 +1,282 @@
+//! The accept loop, per-connection tasks, and the drain on shutdown.
+//!
+//! [`Server::bind`] turns [`Settings`] into listening sockets and the shared state;
+//! [`Server::run`] serves until the shutdown token fires, then drains: the proxy listener
+//! closes, `/healthz` answers 503 (on the admin listener, which stays up through the drain),
+//! keep-alive connections are told to close after their current request, open tunnels get
+//! `SHUTDOWN_LIFETIME` to finish, and whatever is left then is closed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::client_acl::ClientAddr;
+use crate::forward::{self, UpstreamClient};
+use crate::guard::AddressGuard;
+use crate::idle::{Activity, ActivityIo};
+use crate::policy::Policy;
+use crate::proxy;
+use crate::resolve::{Dialer, Resolver};
+use crate::settings::Settings;
+
+/// Largest request head accepted; a larger one gets 431 (hyper's answer) and a close.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Resolver(#[from] crate::resolve::ResolverError),
+    #[error("invalid allowlist: {0}")]
+    Allowlist(#[from] crate::allowlist::EntryError),
+    #[error("cannot listen on {addr} ({var}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        var: &'static str,
+        source: io::Error,
+    },
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    pub settings: Arc<Settings>,
+    /// The current policy; swapped whole on reload.
+    pub policy: ArcSwap<Policy>,
+    pub dialer: Arc<Dialer>,
+    pub client: UpstreamClient,
+    /// Set when the drain starts: `/healthz` answers 503.
+    pub draining: AtomicBool,
+    /// Connections and tunnels, waited on by the drain.
+    pub tracker: TaskTracker,
+    /// Fires at the end of the drain: everything still open is closed.
+    pub hard_stop: CancellationToken,
+}
+
+/// Per-connection context handed to the request path.
+pub struct Conn {
+    pub shared: Arc<Shared>,
+    pub client: ClientAddr,
+    pub activity: Arc<Activity>,
+    /// This connection's place under `CUTTLE_MAX_CONNECTIONS`, held until the connection and
+    /// any tunnel over it are gone.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A bound, ready server.
+pub struct Server {
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Compiles the policy, sets up the resolver and binds the listeners. Everything that can
+    /// fail on bad configuration fails here, before anything is served.
+    pub async fn bind(settings: Settings) -> Result<Server, StartError> {
+        let policy = Policy::new(&settings)?;
+        let resolver = Resolver::new(&settings)?;
+        let listener = bind(settings.listen, "CUTTLE_LISTEN").await?;
+        let admin = match settings.admin_listen {
+            Some(addr) => Some(bind(addr, "CUTTLE_ADMIN_LISTEN").await?),
+            None => None,
+        };
+        let mut own: Vec<SocketAddr> = vec![local_addr(&listener)];
+        own.extend(admin.as_ref().map(local_addr));
+        let guard = AddressGuard::new(
+            &settings.upstream_allow_cidrs,
+            &settings.upstream_deny_cidrs,
+            own,
+        );
+        let dialer = Arc::new(Dialer::new(resolver, guard, settings.connect_timeout));
+        let client = forward::client(dialer.clone(), settings.idle_timeout);
+        let shared = Arc::new(Shared {
+            settings: Arc::new(settings),
+            policy: ArcSwap::from_pointee(policy),
+            dialer,
+            client,
+            draining: AtomicBool::new(false),
+            tracker: TaskTracker::new(),
+            hard_stop: CancellationToken::new(),
+        });
+        Ok(Server {
+            listener,
+            admin,
+            shared,
+        })
+    }
+
+    /// The proxy listener's address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        local_addr(&self.listener)
+    }
+
+    /// The admin listener's address, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(local_addr)
+    }
+
+    /// The shared state (policy, settings).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` fires, then drains (see the module docs). Returns when every
+    /// connection and tunnel is closed.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Server {
+            listener,
+            admin,
+            shared,
+        } = self;
+        let limit = Arc::new(Semaphore::new(shared.settings.max_connections));
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|admin| {
+            tokio::spawn(accept_loop(
+                admin,
+                shared.clone(),
+                limit.clone(),
+                admin_stop.clone(),
+                admin_stop.clone(),
+            ))
+        });
+
+        accept_loop(listener, shared.clone(), limit, shutdown.clone(), shutdown).await;
+
+        shared.draining.store(true, Ordering::SeqCst);
+        let lifetime = shared.settings.shutdown_lifetime;
+        tracing::info!(lifetime = ?lifetime, "draining");
+        shared.tracker.close();
+        if tokio::time::timeout(lifetime, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!("drain deadline reached, closing what is left");
+            shared.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait()).await;
+        }
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+async fn bind(addr: SocketAddr, var: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, var, source })
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Accepts until `stop` fires; each connection is served on the tracker and told to finish
+/// gracefully when `drain` fires.
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    stop: CancellationToken,
+    drain: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached (CUTTLE_MAX_CONNECTIONS)");
+            shared.tracker.spawn(refuse_overloaded(stream));
+            continue;
+        };
+        let conn = Conn {
+            shared: shared.clone(),
+            client: ClientAddr::new(peer),
+            activity: Activity::new(),
+            _permit: permit,
+        };
+        let span = tracing::debug_span!("conn", client = %conn.client);
+        shared
+            .tracker
+            .spawn(serve_connection(stream, Arc::new(conn), drain.clone()).instrument(span));
+    }
+}
+
+/// Past `CUTTLE_MAX_CONNECTIONS`: a 503 and a close, without reading the request.
+async fn refuse_overloaded(mut stream: TcpStream) {
+    const BODY: &str = "cuttle: too many connections (CUTTLE_MAX_CONNECTIONS)\n";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nX-Squid-Error: ERR_CANNOT_FORWARD 0\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Serves one client connection: HTTP/1.1 with upgrades (CONNECT), the header timeout, the
+/// idle timeout, and a graceful close when the drain starts.
+async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, drain: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let settings = &conn.shared.settings;
+    let io = TokioIo::new(ActivityIo::new(stream, conn.activity.clone()));
+    let service_conn = conn.clone();
+    let service =
+        service_fn(move |req: hyper::Request<Incoming>| proxy::handle(service_conn.clone(), req));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    let connection = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(connection);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with error");
+                }
+                return;
+            }
+            _ = drain.cancelled(), if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = conn.activity.idle(settings.idle_timeout) => {
+                tracing::debug!("idle timeout");
+                return;
+            }
+            _ = conn.shared.hard_stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,1068 @@
+//! Layered configuration, validated once into an immutable [`Settings`].
+//!
+//! Layers, lowest first: built-in defaults < config file (TOML, `--config` or `CUTTLE_CONFIG`) <
+//! `CUTTLE_*` environment variables < the Squid image's variable names (`SQUID_WHITELIST`,
+//! `AWS_REGIONS`, `ALLOWED_CIDRS`, `NO_WHITELIST`, `SHUTDOWN_LIFETIME`) < command-line flags.
+//!
+//! The file and environment layers are read with the `config` crate, but every value is taken
+//! as a string and parsed here, layer by layer, so that an error can name where the bad value
+//! came from (variable, file key or flag), quote it, and say what was expected. The `config`
+//! crate's own conversion errors drop the value.
+//!
+//! Environment values that are empty count as unset (as `${VAR:-default}` in the Squid image's
+//! entrypoint did).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::allowlist::{aws_defaults, Entry, EntrySource, Pattern, Region};
+
+/// Every setting: its config-file key, its environment name, its default.
+///
+/// The environment name is the Squid image's for the five settings it had, `CUTTLE_<KEY>`
+/// for the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Listen,
+    AdminListen,
+    SquidWhitelist,
+    AwsRegions,
+    AllowedCidrs,
+    NoWhitelist,
+    ShutdownLifetime,
+    ConnectPorts,
+    HttpPorts,
+    AllowlistFile,
+    HostsFile,
+    DnsServers,
+    UpstreamAllowCidrs,
+    UpstreamDenyCidrs,
+    ConnectTimeout,
+    HeaderTimeout,
+    IdleTimeout,
+    MaxConnections,
+    AccessLog,
+    Log,
+    LogFormat,
+}
+
+impl Key {
+    /// All keys, in the order `cuttle config` prints them.
+    pub const ALL: [Key; 21] = [
+        Key::Listen,
+        Key::AdminListen,
+        Key::AllowedCidrs,
+        Key::AwsRegions,
+        Key::SquidWhitelist,
+        Key::AllowlistFile,
+        Key::NoWhitelist,
+        Key::ConnectPorts,
+        Key::HttpPorts,
+        Key::HostsFile,
+        Key::DnsServers,
+        Key::UpstreamAllowCidrs,
+        Key::UpstreamDenyCidrs,
+        Key::ConnectTimeout,
+        Key::HeaderTimeout,
+        Key::IdleTimeout,
+        Key::MaxConnections,
+        Key::ShutdownLifetime,
+        Key::AccessLog,
+        Key::Log,
+        Key::LogFormat,
+    ];
+
+    /// The key in the config file.
+    pub fn file_key(self) -> &'static str {
+        match self {
+            Key::Listen => "listen",
+            Key::AdminListen => "admin_listen",
+            Key::SquidWhitelist => "squid_whitelist",
+            Key::AwsRegions => "aws_regions",
+            Key::AllowedCidrs => "allowed_cidrs",
+            Key::NoWhitelist => "no_whitelist",
+            Key::ShutdownLifetime => "shutdown_lifetime",
+            Key::ConnectPorts => "connect_ports",
+            Key::HttpPorts => "http_ports",
+            Key::AllowlistFile => "allowlist_file",
+            Key::HostsFile => "hosts_file",
+            Key::DnsServers => "dns_servers",
+            Key::UpstreamAllowCidrs => "upstream_allow_cidrs",
+            Key::UpstreamDenyCidrs => "upstream_deny_cidrs",
+            Key::ConnectTimeout => "connect_timeout",
+            Key::HeaderTimeout => "header_timeout",
+            Key::IdleTimeout => "idle_timeout",
+            Key::MaxConnections => "max_connections",
+            Key::AccessLog => "access_log",
+            Key::Log => "log",
+            Key::LogFormat => "log_format",
+        }
+    }
+
+    /// The environment variable.
+    pub fn env_name(self) -> &'static str {
+        match self {
+            Key::SquidWhitelist => "SQUID_WHITELIST",
+            Key::AwsRegions => "AWS_REGIONS",
+            Key::AllowedCidrs => "ALLOWED_CIDRS",
+            Key::NoWhitelist => "NO_WHITELIST",
+            Key::ShutdownLifetime => "SHUTDOWN_LIFETIME",
+            Key::Listen => "CUTTLE_LISTEN",
+            Key::AdminListen => "CUTTLE_ADMIN_LISTEN",
+            Key::ConnectPorts => "CUTTLE_CONNECT_PORTS",
+            Key::HttpPorts => "CUTTLE_HTTP_PORTS",
+            Key::AllowlistFile => "CUTTLE_ALLOWLIST_FILE",
+            Key::HostsFile => "CUTTLE_HOSTS_FILE",
+            Key::DnsServers => "CUTTLE_DNS_SERVERS",
+            Key::UpstreamAllowCidrs => "CUTTLE_UPSTREAM_ALLOW_CIDRS",
+            Key::UpstreamDenyCidrs => "CUTTLE_UPSTREAM_DENY_CIDRS",
+            Key::ConnectTimeout => "CUTTLE_CONNECT_TIMEOUT",
+            Key::HeaderTimeout => "CUTTLE_HEADER_TIMEOUT",
+            Key::IdleTimeout => "CUTTLE_IDLE_TIMEOUT",
+            Key::MaxConnections => "CUTTLE_MAX_CONNECTIONS",
+            Key::AccessLog => "CUTTLE_ACCESS_LOG",
+            Key::Log => "CUTTLE_LOG",
+            Key::LogFormat => "CUTTLE_LOG_FORMAT",
+        }
+    }
+
+    /// The built-in default, as text ("" for unset).
+    pub fn default_value(self) -> &'static str {
+        match self {
+            Key::Listen => "0.0.0.0:3128",
+            Key::AdminListen => "",
+            Key::SquidWhitelist => "",
+            Key::AwsRegions => "us-west-2",
+            Key::AllowedCidrs => "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,::1/128",
+            Key::NoWhitelist => "false",
+            Key::ShutdownLifetime => "20",
+            Key::ConnectPorts => "443",
+            Key::HttpPorts => "80,21,443,70,210,1025-65535,280,488,591,777,3128",
+            Key::AllowlistFile => "",
+            Key::HostsFile => "/etc/hosts",
+            Key::DnsServers => "",
+            Key::UpstreamAllowCidrs => "",
+            Key::UpstreamDenyCidrs => "",
+            Key::ConnectTimeout => "10s",
+            Key::HeaderTimeout => "30s",
+            Key::IdleTimeout => "15m",
+            Key::MaxConnections => "10000",
+            Key::AccessLog => "squid",
+            Key::Log => "info",
+            Key::LogFormat => "text",
+        }
+    }
+
+    fn from_file_key(key: &str) -> Option<Key> {
+        Key::ALL.into_iter().find(|k| k.file_key() == key)
+    }
+}
+
+/// Where a setting's value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in default.
+    Default(Key),
+    /// A key of the config file.
+    File { path: PathBuf, key: &'static str },
+    /// An environment variable.
+    Env(&'static str),
+    /// A command-line flag.
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default(key) => write!(f, "default of {}", key.env_name()),
+            Origin::File { path, key } => write!(f, "{} key {key}", path.display()),
+            Origin::Env(name) => f.write_str(name),
+            Origin::Flag(flag) => f.write_str(flag),
+        }
+    }
+}
+
+/// A configuration error: what is wrong, where it came from, the value and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A value that does not parse or is out of range.
+    #[error("{origin}: {message}")]
+    Invalid { origin: Origin, message: String },
+    /// The config file cannot be read or is not valid TOML.
+    #[error("config file {}: {message}", path.display())]
+    File { path: PathBuf, message: String },
+    /// A key in the config file that cuttle does not know (a typo would otherwise be ignored).
+    #[error("config file {}: unknown key {key:?} (known keys: {known})", path.display())]
+    UnknownKey {
+        path: PathBuf,
+        key: String,
+        known: String,
+    },
+}
+
+/// Where the settings come from: the caller hands in the environment (tests pass a map; the
+/// binary passes `std::env::vars()`), never read from the process here.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// `--config`; falls back to `CUTTLE_CONFIG` in `env`.
+    pub config_file: Option<PathBuf>,
+    /// The environment.
+    pub env: HashMap<String, String>,
+    /// Command-line flags that set a value, with the flag's name (`--listen`).
+    pub flags: Vec<(Key, &'static str, String)>,
+}
+
+impl Sources {
+    /// Sources from an environment map alone.
+    pub fn from_env<I, K, V>(vars: I) -> Sources
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Sources {
+            env: vars
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
+}
+
+/// Output format of the access log on stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Squid,
+    Json,
+    Off,
+}
+
+/// Output format of the diagnostic log on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A set of TCP ports, from a list such as `80,443,1025-65535`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortSet {
+    bits: Box<[u64; 1024]>,
+    text: String,
+}
+
+impl PortSet {
+    /// True if `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        self.bits[usize::from(port / 64)] & (1u64 << (port % 64)) != 0
+    }
+}
+
+impl fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PortSet({})", self.text)
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PortSet, String> {
+        let mut bits = Box::new([0u64; 1024]);
+        let mut parts = Vec::new();
+        for item in list_items(s) {
+            let bad =
+                || format!("{item:?} is not a port or port range (expected e.g. 443 or 8000-8999)");
+            let (lo, hi) = match item.split_once('-') {
+                Some((lo, hi)) => (lo.parse::<u16>(), hi.parse::<u16>()),
+                None => (item.parse::<u16>(), item.parse::<u16>()),
+            };
+            let (lo, hi) = (lo.map_err(|_| bad())?, hi.map_err(|_| bad())?);
+            if lo == 0 || lo > hi {
+                return Err(bad());
+            }
+            for port in lo..=hi {
+                bits[usize::from(port / 64)] |= 1u64 << (port % 64);
+            }
+            parts.push(item.to_string());
+        }
+        if parts.is_empty() {
+            return Err(format!(
+                "{s:?} lists no port (expected e.g. 443 or 8000-8999)"
+            ));
+        }
+        Ok(PortSet {
+            bits,
+            text: parts.join(","),
+        })
+    }
+}
+
+/// The validated, immutable configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Proxy listener.
+    pub listen: SocketAddr,
+    /// Optional separate listener for `/metrics` and `/healthz`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Client networks allowed to use the proxy.
+    pub allowed_cidrs: Vec<IpNet>,
+    /// Regions whose endpoints are allowed.
+    pub aws_regions: Vec<Region>,
+    /// `NO_WHITELIST`: every destination allowed (client CIDRs and ports still enforced).
+    pub no_whitelist: bool,
+    /// The allowlist file, if any (reloaded on change).
+    pub allowlist_file: Option<PathBuf>,
+    /// Every allowlist entry with its source: regional defaults, global defaults,
+    /// `SQUID_WHITELIST`, then the allowlist file.
+    pub allowlist: Vec<Entry>,
+    /// Ports CONNECT may reach.
+    pub connect_ports: PortSet,
+    /// Ports plain HTTP may reach.
+    pub http_ports: PortSet,
+    /// Static name overrides consulted before DNS.
+    pub hosts_file: PathBuf,
+    /// DNS servers; empty means the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
+    /// Destination ranges let through the address guard.
+    pub upstream_allow_cidrs: Vec<IpNet>,
+    /// Extra destination ranges the address guard refuses.
+    pub upstream_deny_cidrs: Vec<IpNet>,
+    /// Upstream connect timeout, per address.
+    pub connect_timeout: Duration,
+    /// Time a client has to send its request head.
+    pub header_timeout: Duration,
+    /// A connection or tunnel idle this long is closed.
+    pub idle_timeout: Duration,
+    /// Client connections held at once.
+    pub max_connections: usize,
+    /// Time to drain after SIGTERM.
+    pub shutdown_lifetime: Duration,
+    /// Access log format.
+    pub access_log: AccessLogFormat,
+    /// Diagnostic log filter (`tracing_subscriber::EnvFilter` syntax).
+    pub log: String,
+    /// Diagnostic log format.
+    pub log_format: LogFormat,
+    /// Where each setting's value came from.
+    pub origins: BTreeMap<Key, Origin>,
+    /// Things worth a warning once logging is up (unknown `CUTTLE_*` variables).
+    pub warnings: Vec<String>,
+}
+
+/// One value before parsing, with its origin.
+struct Raw {
+    text: String,
+    origin: Origin,
+}
+
+impl Raw {
+    fn invalid(&self, message: impl Into<String>) -> SettingsError {
+        SettingsError::Invalid {
+            origin: self.origin.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The layers, read.
+struct Layers {
+    file: Option<(PathBuf, HashMap<String, String>)>,
+    env: HashMap<String, String>,
+    flags: Vec<(Key, &'static str, String)>,
+}
+
+impl Layers {
+    /// The highest-priority value of `key`.
+    fn get(&self, key: Key) -> Raw {
+        if let Some((_, flag, text)) = self.flags.iter().rev().find(|(k, _, _)| *k == key) {
+            return Raw {
+                text: text.clone(),
+                origin: Origin::Flag(flag),
+            };
+        }
+        if let Some(text) = self
+            .env
+            .get(key.env_name())
+            .filter(|v| !v.trim().is_empty())
+        {
+            return Raw {
+                text: text.clone(),
+                origin: Origin::Env(key.env_name()),
+            };
+        }
+        if let Some((path, map)) = &self.file {
+            if let Some(text) = map.get(key.file_key()) {
+                return Raw {
+                    text: text.clone(),
+                    origin: Origin::File {
+                        path: path.clone(),
+                        key: key.file_key(),
+                    },
+                };
+            }
+        }
+        Raw {
+            text: key.default_value().to_string(),
+            origin: Origin::Default(key),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads every layer and validates every value. Reads the config file and the allowlist
+    /// file; touches nothing else.
+    pub fn load(sources: &Sources) -> Result<Settings, SettingsError> {
+        let config_path = sources.config_file.clone().or_else(|| {
+            sources
+                .env
+                .get("CUTTLE_CONFIG")
+                .filter(|v| !v.trim().is_empty())
+                .map(PathBuf::from)
+        });
+        let file = match config_path {
+            Some(path) => Some(read_config_file(&path)?),
+            None => None,
+        };
+        let env = read_env(&sources.env);
+        let layers = Layers {
+            file,
+            env: env.values,
+            flags: sources.flags.clone(),
+        };
+        let mut origins = BTreeMap::new();
+        let mut get = |key: Key| {
+            let raw = layers.get(key);
+            origins.insert(key, raw.origin.clone());
+            raw
+        };
+
+        let listen = parse_socket_addr(&get(Key::Listen))?;
+        let admin_listen = optional(get(Key::AdminListen), |raw| parse_socket_addr(&raw))?;
+        let allowed_cidrs = parse_list(&get(Key::AllowedCidrs), parse_net)?;
+        if allowed_cidrs.is_empty() {
+            let raw = layers.get(Key::AllowedCidrs);
+            return Err(raw.invalid(format!(
+                "{:?} lists no network (expected e.g. 10.0.0.0/8,127.0.0.0/8)",
+                raw.text
+            )));
+        }
+        let aws_regions = parse_list(&get(Key::AwsRegions), |s| {
+            Region::from_str(s).map_err(|e| e.to_string())
+        })?;
+        let no_whitelist = parse_bool(&get(Key::NoWhitelist))?;
+        let shutdown_lifetime = parse_duration(&get(Key::ShutdownLifetime), true)?;
+        let connect_ports = parse_ports(&get(Key::ConnectPorts))?;
+        let http_ports = parse_ports(&get(Key::HttpPorts))?;
+        let allowlist_file = optional(get(Key::AllowlistFile), |raw| Ok(PathBuf::from(raw.text)))?;
+        let hosts_file = PathBuf::from(get(Key::HostsFile).text);
+        let dns_servers = parse_list(&get(Key::DnsServers), parse_dns_server)?;
+        let upstream_allow_cidrs = parse_list(&get(Key::UpstreamAllowCidrs), parse_net)?;
+        let upstream_deny_cidrs = parse_list(&get(Key::UpstreamDenyCidrs), parse_net)?;
+        let connect_timeout = parse_duration(&get(Key::ConnectTimeout), false)?;
+        let header_timeout = parse_duration(&get(Key::HeaderTimeout), false)?;
+        let idle_timeout = parse_duration(&get(Key::IdleTimeout), false)?;
+        let max_connections = parse_count(&get(Key::MaxConnections))?;
+        let access_log = parse_choice(
+            &get(Key::AccessLog),
+            &[
+                ("squid", AccessLogFormat::Squid),
+                ("json", AccessLogFormat::Json),
+                ("off", AccessLogFormat::Off),
+            ],
+        )?;
+        let log_raw = get(Key::Log);
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_raw.text) {
+            return Err(log_raw.invalid(format!(
+                "{:?} is not a log filter ({e}; expected e.g. info or cuttle=debug,info)",
+                log_raw.text
+            )));
+        }
+        let log_format = parse_choice(
+            &get(Key::LogFormat),
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )?;
+
+        let mut allowlist = aws_defaults(&aws_regions);
+        let whitelist = get(Key::SquidWhitelist);
+        for item in list_items(&whitelist.text) {
+            let pattern = Pattern::from_str(item).map_err(|e| whitelist.invalid(e.to_string()))?;
+            allowlist.push(Entry {
+                pattern,
+                source: EntrySource::SquidWhitelist,
+            });
+        }
+        if let Some(path) = &allowlist_file {
+            let origin = layers.get(Key::AllowlistFile);
+            allowlist.extend(read_allowlist_file(path).map_err(|message| origin.invalid(message))?);
+        }
+
+        Ok(Settings {
+            listen,
+            admin_listen,
+            allowed_cidrs,
+            aws_regions,
+            no_whitelist,
+            allowlist_file,
+            allowlist,
+            connect_ports,
+            http_ports,
+            hosts_file,
+            dns_servers,
+            upstream_allow_cidrs,
+            upstream_deny_cidrs,
+            connect_timeout,
+            header_timeout,
+            idle_timeout,
+            max_connections,
+            shutdown_lifetime,
+            access_log,
+            log: log_raw.text,
+            log_format,
+            origins,
+            warnings: env.warnings,
+        })
+    }
+}
+
+/// Reads an allowlist file: one entry a line, `#` starts a comment, blank lines skipped. An
+/// invalid entry fails the whole file with `path:line: ...`.
+pub fn read_allowlist_file(path: &Path) -> Result<Vec<Entry>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read allowlist file {}: {e}", path.display()))?;
+    parse_allowlist(path, &text)
+}
+
+/// Parses the text of an allowlist file (see [`read_allowlist_file`]).
+pub fn parse_allowlist(path: &Path, text: &str) -> Result<Vec<Entry>, String> {
+    let mut entries = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line_no = index + 1;
+        let content = line.split('#').next().unwrap_or("").trim();
+        if content.is_empty() {
+            continue;
+        }
+        let pattern =
+            Pattern::from_str(content).map_err(|e| format!("{}:{line_no}: {e}", path.display()))?;
+        entries.push(Entry {
+            pattern,
+            source: EntrySource::AllowlistFile {
+                path: path.to_path_buf(),
+                line: line_no,
+            },
+        });
+    }
+    Ok(entries)
+}
+
+fn read_config_file(path: &Path) -> Result<(PathBuf, HashMap<String, String>), SettingsError> {
+    let file_err = |message: String| SettingsError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    if !path.is_file() {
+        return Err(file_err("no such file".into()));
+    }
+    let table = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<HashMap<String, config::Value>>())
+        .map_err(|e| file_err(e.to_string()))?;
+    let mut values = HashMap::new();
+    for (key, value) in table {
+        if Key::from_file_key(&key).is_none() {
+            let known: Vec<&str> = Key::ALL.iter().map(|k| k.file_key()).collect();
+            return Err(SettingsError::UnknownKey {
+                path: path.to_path_buf(),
+                key,
+                known: known.join(", "),
+            });
+        }
+        let text = match value.kind {
+            config::ValueKind::Array(items) => items
+                .into_iter()
+                .map(|v| v.into_string())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| file_err(format!("key {key}: {e}")))?
+                .join(","),
+            config::ValueKind::Table(_) => {
+                return Err(file_err(format!(
+                    "key {key}: expected a value, found a table"
+                )))
+            }
+            kind => config::Value::new(None, kind)
+                .into_string()
+                .map_err(|e| file_err(format!("key {key}: {e}")))?,
+        };
+        values.insert(key, text);
+    }
+    Ok((path.to_path_buf(), values))
+}
+
+struct EnvLayer {
+    values: HashMap<String, String>,
+    warnings: Vec<String>,
+}
+
+/// Keeps the variables cuttle knows; warns of unknown `CUTTLE_*` ones (likely typos). The
+/// `CUTTLE_*` names are collected through the `config` crate's environment source.
+fn read_env(env: &HashMap<String, String>) -> EnvLayer {
+    let mut values = HashMap::new();
+    let mut warnings = Vec::new();
+    let prefixed = config::Config::builder()
+        .add_source(
+            config::Environment::with_prefix("CUTTLE")
+                .prefix_separator("_")
+                .source(Some(
+                    env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                )),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize::<HashMap<String, String>>())
+        .unwrap_or_default();
+    for (key, value) in prefixed {
+        let name = format!("CUTTLE_{}", key.to_uppercase());
+        match Key::ALL.into_iter().find(|k| k.env_name() == name) {
+            Some(k) => {
+                values.insert(k.env_name().to_string(), value);
+            }
+            None if name == "CUTTLE_CONFIG" => {}
+            None => warnings.push(format!("unknown variable {name} ignored")),
+        }
+    }
+    for key in Key::ALL {
+        let name = key.env_name();
+        if !name.starts_with("CUTTLE_") {
+            if let Some(value) = env.get(name) {
+                values.insert(name.to_string(), value.clone());
+            }
+        }
+    }
+    warnings.sort();
+    EnvLayer { values, warnings }
+}
+
+/// Items of a comma- or whitespace-separated list, empty items skipped.
+fn list_items(s: &str) -> impl Iterator<Item = &str> {
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+fn parse_list<T>(
+    raw: &Raw,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, SettingsError> {
+    list_items(&raw.text)
+        .map(|item| parse(item).map_err(|m| raw.invalid(m)))
+        .collect()
+}
+
+fn optional<T>(
+    raw: Raw,
+    parse: impl FnOnce(Raw) -> Result<T, SettingsError>,
+) -> Result<Option<T>, SettingsError> {
+    if raw.text.trim().is_empty() {
+        Ok(None)
+    } else {
+        parse(raw).map(Some)
+    }
+}
+
+fn parse_socket_addr(raw: &Raw) -> Result<SocketAddr, SettingsError> {
+    raw.text.trim().parse().map_err(|_| {
+        raw.invalid(format!(
+            "{:?} is not a listen address (expected IP:PORT such as 0.0.0.0:3128 or [::]:3128)",
+            raw.text
+        ))
+    })
+}
+
+/// An IP network; a bare address is a /32 or /128. Host bits are cleared.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "{s:?} is not a CIDR (expected e.g. 10.0.0.0/8, 2001:db8::/32 or a single address)"
+    ))
+}
+
+/// A DNS server: `IP` (port 53) or `IP:PORT` / `[IPv6]:PORT`.
+fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    Err(format!(
+        "{s:?} is not a DNS server address (expected e.g. 10.0.0.2 or 127.0.0.1:5353)"
+    ))
+}
+
+fn parse_bool(raw: &Raw) -> Result<bool, SettingsError> {
+    match raw.text.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err(raw.invalid(format!(
+            "{:?} is not a boolean (expected true or false)",
+            raw.text
+        ))),
+    }
+}
+
+/// A duration: `500ms`, `10s`, `15m`, `1h` or a bare number of seconds.
+fn parse_duration(raw: &Raw, zero_ok: bool) -> Result<Duration, SettingsError> {
+    let text = raw.text.trim();
+    let parsed = match text.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text).ok(),
+    };
+    match parsed {
+        Some(d) if zero_ok || !d.is_zero() => Ok(d),
+        Some(_) => Err(raw.invalid(format!(
+            "{text:?} is zero (expected a positive duration such as 500ms, 10s, 15m or a number of seconds)"
+        ))),
+        None => Err(raw.invalid(format!(
+            "{text:?} is not a duration (expected e.g. 500ms, 10s, 15m, 1h or a non-negative number of seconds)"
+        ))),
+    }
+}
+
+fn parse_count(raw: &Raw) -> Result<usize, SettingsError> {
+    match raw.text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(raw.invalid(format!("{:?} is not a positive whole number", raw.text))),
+    }
+}
+
+fn parse_ports(raw: &Raw) -> Result<PortSet, SettingsError> {
+    raw.text.parse().map_err(|m: String| raw.invalid(m))
+}
+
+fn parse_choice<T: Copy>(raw: &Raw, choices: &[(&str, T)]) -> Result<T, SettingsError> {
+    let text = raw.text.trim().to_ascii_lowercase();
+    choices
+        .iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            raw.invalid(format!("{:?} is not one of {}", raw.text, names.join(", ")))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        Settings::load(&Sources::from_env(vars.iter().copied()))
+    }
+
+    fn err(vars: &[(&str, &str)]) -> String {
+        match load(vars) {
+            Ok(_) => panic!("{vars:?} should be refused"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Every setting has its documented default with an empty environment.
+    #[test]
+    fn defaults() {
+        let s = load(&[]).expect("defaults load");
+        assert_eq!(s.listen, "0.0.0.0:3128".parse().unwrap());
+        assert_eq!(s.admin_listen, None);
+        assert_eq!(s.allowed_cidrs.len(), 5);
+        assert_eq!(s.aws_regions, vec!["us-west-2".parse::<Region>().unwrap()]);
+        assert!(!s.no_whitelist);
+        assert_eq!(s.shutdown_lifetime, Duration::from_secs(20));
+        assert!(s.connect_ports.contains(443) && !s.connect_ports.contains(80));
+        for port in [
+            80, 21, 443, 70, 210, 1025, 8080, 65535, 280, 488, 591, 777, 3128,
+        ] {
+            assert!(s.http_ports.contains(port), "http port {port}");
+        }
+        for port in [22, 25, 1024, 1] {
+            assert!(!s.http_ports.contains(port), "http port {port}");
+        }
+        assert_eq!(s.hosts_file, PathBuf::from("/etc/hosts"));
+        assert_eq!(s.connect_timeout, Duration::from_secs(10));
+        assert_eq!(s.header_timeout, Duration::from_secs(30));
+        assert_eq!(s.idle_timeout, Duration::from_secs(900));
+        assert_eq!(s.max_connections, 10000);
+        assert_eq!(s.access_log, AccessLogFormat::Squid);
+        assert_eq!(s.log, "info");
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert!(s.dns_servers.is_empty());
+        assert_eq!(s.origins[&Key::Listen], Origin::Default(Key::Listen));
+    }
+
+    /// Each bad value names its variable, quotes the value and says what was expected.
+    #[test]
+    fn bad_values_name_variable_value_and_expectation() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "AWS_REGIONS",
+                "us-west2",
+                &["AWS_REGIONS", "\"us-west2\"", "expected e.g. us-west-2"],
+            ),
+            (
+                "ALLOWED_CIDRS",
+                "10.0.0.0/33",
+                &["ALLOWED_CIDRS", "\"10.0.0.0/33\"", "expected"],
+            ),
+            (
+                "SQUID_WHITELIST",
+                "https://x.com/",
+                &["SQUID_WHITELIST", "\"https://x.com/\"", "scheme"],
+            ),
+            (
+                "CUTTLE_LISTEN",
+                "nonsense",
+                &["CUTTLE_LISTEN", "\"nonsense\"", "expected IP:PORT"],
+            ),
+            (
+                "SHUTDOWN_LIFETIME",
+                "-1",
+                &["SHUTDOWN_LIFETIME", "\"-1\"", "expected"],
+            ),
+            (
+                "NO_WHITELIST",
+                "maybe",
+                &["NO_WHITELIST", "\"maybe\"", "true or false"],
+            ),
+            (
+                "CUTTLE_CONNECT_PORTS",
+                "0",
+                &["CUTTLE_CONNECT_PORTS", "\"0\""],
+            ),
+            (
+                "CUTTLE_HTTP_PORTS",
+                "90-80",
+                &["CUTTLE_HTTP_PORTS", "\"90-80\""],
+            ),
+            (
+                "CUTTLE_CONNECT_TIMEOUT",
+                "0",
+                &["CUTTLE_CONNECT_TIMEOUT", "zero"],
+            ),
+            (
+                "CUTTLE_IDLE_TIMEOUT",
+                "soon",
+                &["CUTTLE_IDLE_TIMEOUT", "\"soon\""],
+            ),
+            (
+                "CUTTLE_MAX_CONNECTIONS",
+                "-5",
+                &["CUTTLE_MAX_CONNECTIONS", "\"-5\""],
+            ),
+            (
+                "CUTTLE_ACCESS_LOG",
+                "xml",
+                &["CUTTLE_ACCESS_LOG", "\"xml\"", "squid, json, off"],
+            ),
+            (
+                "CUTTLE_LOG_FORMAT",
+                "yaml",
+                &["CUTTLE_LOG_FORMAT", "text, json"],
+            ),
+            ("CUTTLE_LOG", "[[[", &["CUTTLE_LOG", "\"[[[\""]),
+            (
+                "CUTTLE_UPSTREAM_DENY_CIDRS",
+                "10.0.0/8",
+                &["CUTTLE_UPSTREAM_DENY_CIDRS", "\"10.0.0/8\""],
+            ),
+            (
+                "CUTTLE_DNS_SERVERS",
+                "dns.local",
+                &["CUTTLE_DNS_SERVERS", "\"dns.local\""],
+            ),
+            (
+                "CUTTLE_ADMIN_LISTEN",
+                "9090",
+                &["CUTTLE_ADMIN_LISTEN", "\"9090\""],
+            ),
+        ];
+        for (var, value, needles) in cases {
+            let message = err(&[(var, value)]);
+            for needle in *needles {
+                assert!(
+                    message.contains(needle),
+                    "{var}={value}: {message:?} lacks {needle:?}"
+                );
+            }
+        }
+    }
+
+    /// Squid names beat CUTTLE_* and file values; flags beat everything.
+    #[test]
+    fn layering_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cuttle.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1000\"\nallowed_cidrs = [\"10.9.0.0/16\"]\nconnect_ports = \"443,8443\"\nshutdown_lifetime = 7\n",
+        )
+        .unwrap();
+        let mut sources = Sources::from_env([
+            ("CUTTLE_CONFIG", path.to_str().unwrap()),
+            ("CUTTLE_LISTEN", "127.0.0.1:2000"),
+            ("ALLOWED_CIDRS", "10.8.0.0/16"),
+        ]);
+        let s = Settings::load(&sources).unwrap();
+        assert_eq!(
+            s.listen,
+            "127.0.0.1:2000".parse().unwrap(),
+            "env beats file"
+        );
+        assert_eq!(
+            s.allowed_cidrs,
+            vec!["10.8.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert!(s.connect_ports.contains(8443), "file beats default");
+        assert_eq!(
+            s.shutdown_lifetime,
+            Duration::from_secs(7),
+            "file integer value"
+        );
+        assert_eq!(s.origins[&Key::Listen], Origin::Env("CUTTLE_LISTEN"));
+        sources
+            .flags
+            .push((Key::Listen, "--listen", "127.0.0.1:3000".into()));
+        let s = Settings::load(&sources).unwrap();
+        assert_eq!(
+            s.listen,
+            "127.0.0.1:3000".parse().unwrap(),
+            "flag beats env"
+        );
+        assert_eq!(s.origins[&Key::Listen], Origin::Flag("--listen"));
+    }
+
+    /// A bad value in the file names the file and the key.
+    #[test]
+    fn file_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cuttle.toml");
+        std::fs::write(&path, "idle_timeout = \"forever\"\n").unwrap();
+        let message = err(&[("CUTTLE_CONFIG", path.to_str().unwrap())]);
+        assert!(
+            message.contains("cuttle.toml key idle_timeout"),
+            "{message}"
+        );
+        assert!(message.contains("\"forever\""), "{message}");
+        std::fs::write(&path, "idle_timeot = \"1m\"\n").unwrap();
+        let message = err(&[("CUTTLE_CONFIG", path.to_str().unwrap())]);
+        assert!(message.contains("unknown key \"idle_timeot\""), "{message}");
+        let message = err(&[("CUTTLE_CONFIG", "/nonexistent/cuttle.toml")]);
+        assert!(message.contains("/nonexistent/cuttle.toml"), "{message}");
+    }
+
+    /// The allowlist holds regional defaults, then SQUID_WHITELIST, then the file, with sources.
+    #[test]
+    fn allowlist_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allow.txt");
+        std::fs::write(
+            &path,
+            "# comment\n\n.github.com  # trailing comment\npypi.org\n",
+        )
+        .unwrap();
+        let s = load(&[
+            ("AWS_REGIONS", "eu-west-1, cn-north-1"),
+            ("SQUID_WHITELIST", ".example.com,foo.org,"),
+            ("CUTTLE_ALLOWLIST_FILE", path.to_str().unwrap()),
+        ])
+        .unwrap();
+        let texts: Vec<String> = s.allowlist.iter().map(|e| e.to_string()).collect();
+        assert!(
+            texts.contains(&".eu-west-1.amazonaws.com (AWS_REGIONS=eu-west-1)".to_string()),
+            "{texts:?}"
+        );
+        assert!(
+            texts.contains(&".example.com (SQUID_WHITELIST)".to_string()),
+            "{texts:?}"
+        );
+        let github = format!(".github.com ({}:3)", path.display());
+        assert!(texts.contains(&github), "{texts:?}");
+        let pypi = format!("pypi.org ({}:4)", path.display());
+        assert!(texts.contains(&pypi), "{texts:?}");
+
+        std::fs::write(&path, "ok.com\nhttp://bad.com\n").unwrap();
+        let message = err(&[("CUTTLE_ALLOWLIST_FILE", path.to_str().unwrap())]);
+        assert!(
+            message.contains(&format!("{}:2", path.display())),
+            "{message}"
+        );
+        assert!(message.contains("http://bad.com"), "{message}");
+    }
+
+    /// Empty variables count as unset; unknown CUTTLE_ variables are warned about.
+    #[test]
+    fn empty_and_unknown_variables() {
+        let s = load(&[("AWS_REGIONS", ""), ("CUTTLE_LISTN", "x")]).unwrap();
+        assert_eq!(s.aws_regions.len(), 1);
+        assert_eq!(
+            s.warnings,
+            vec!["unknown variable CUTTLE_LISTN ignored".to_string()]
+        );
+    }
+
+    #[test]
+    fn port_sets() {
+        let p: PortSet = "443, 8000-8999".parse().unwrap();
+        for (port, want) in [
+            (443, true),
+            (8000, true),
+            (8999, true),
+            (9000, false),
+            (80, false),
+        ] {
+            assert_eq!(p.contains(port), want, "port {port}");
+        }
+        for bad in ["", "x", "0", "1-", "70000", "5-1"] {
+            assert!(bad.parse::<PortSet>().is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let raw = |t: &str| Raw {
+            text: t.into(),
+            origin: Origin::Env("X"),
+        };
+        for (text, want) in [
+            ("500ms", 500),
+            ("10s", 10_000),
+            ("15m", 900_000),
+            ("1h", 3_600_000),
+            ("20", 20_000),
+        ] {
+            assert_eq!(
+                parse_duration(&raw(text), true).unwrap(),
+                Duration::from_millis(want),
+                "{text}"
+            );
+        }
+        assert!(parse_duration(&raw("0"), true).is_ok());
+        assert!(parse_duration(&raw("0"), false).is_err());
+        assert!(parse_duration(&raw("-1"), true).is_err());
+    }
+}
