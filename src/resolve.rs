@@ -83,6 +83,8 @@ pub enum ResolverError {
 pub struct Resolver {
     hosts: HostsFile,
     dns: TokioResolver,
+    /// Bound on one whole lookup (all servers and retries): `CUTTLE_CONNECT_TIMEOUT`.
+    timeout: Duration,
 }
 
 impl Resolver {
@@ -125,6 +127,7 @@ impl Resolver {
         Ok(Resolver {
             hosts,
             dns: builder.build(),
+            timeout: settings.connect_timeout,
         })
     }
 
@@ -139,20 +142,17 @@ impl Resolver {
             return Ok(addrs.to_vec());
         }
         // A trailing dot makes the name absolute: no search-domain expansion.
-        let lookup = self
-            .dns
-            .lookup_ip(format!("{name}."))
+        let dns_error = |detail: String| ProxyError::Dns {
+            host: name.clone(),
+            detail,
+        };
+        let lookup = tokio::time::timeout(self.timeout, self.dns.lookup_ip(format!("{name}.")))
             .await
-            .map_err(|e| ProxyError::Dns {
-                host: name.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|_| dns_error(format!("no answer within {:?}", self.timeout)))?
+            .map_err(|e| dns_error(e.to_string()))?;
         let addrs: Vec<IpAddr> = lookup.iter().collect();
         if addrs.is_empty() {
-            return Err(ProxyError::Dns {
-                host: name.clone(),
-                detail: "no addresses".into(),
-            });
+            return Err(dns_error("no addresses".into()));
         }
         Ok(addrs)
     }

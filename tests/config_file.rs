@@ -1,0 +1,119 @@
+//! The shipped configuration files: `config/cuttle.toml` documents every setting at its default,
+//! and `config/allowlist.example` is a valid allowlist file.
+
+use std::path::PathBuf;
+
+use cuttle::allowlist::Allowlist;
+use cuttle::settings::{read_allowlist_file, Key, Origin, Settings, Sources};
+
+fn repo_file(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The documented config file loads, and every value in it is the built-in default: loading it
+/// changes nothing.
+#[test]
+fn documented_config_file_holds_the_defaults() {
+    let path = repo_file("config/cuttle.toml");
+    let file = Settings::load(&Sources {
+        config_file: Some(path.clone()),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()));
+    let defaults = Settings::load(&Sources::default()).expect("defaults load");
+
+    assert_eq!(file.listen, defaults.listen, "listen");
+    assert_eq!(file.admin_listen, defaults.admin_listen, "admin_listen");
+    assert_eq!(file.allowed_cidrs, defaults.allowed_cidrs, "allowed_cidrs");
+    assert_eq!(file.aws_regions, defaults.aws_regions, "aws_regions");
+    assert_eq!(file.no_whitelist, defaults.no_whitelist, "no_whitelist");
+    assert_eq!(
+        file.allowlist_file, defaults.allowlist_file,
+        "allowlist_file"
+    );
+    assert_eq!(file.allowlist, defaults.allowlist, "allowlist entries");
+    assert_eq!(file.connect_ports, defaults.connect_ports, "connect_ports");
+    assert_eq!(file.http_ports, defaults.http_ports, "http_ports");
+    assert_eq!(file.hosts_file, defaults.hosts_file, "hosts_file");
+    assert_eq!(file.dns_servers, defaults.dns_servers, "dns_servers");
+    assert_eq!(
+        file.upstream_allow_cidrs, defaults.upstream_allow_cidrs,
+        "upstream_allow_cidrs"
+    );
+    assert_eq!(
+        file.upstream_deny_cidrs, defaults.upstream_deny_cidrs,
+        "upstream_deny_cidrs"
+    );
+    assert_eq!(
+        file.connect_timeout, defaults.connect_timeout,
+        "connect_timeout"
+    );
+    assert_eq!(
+        file.header_timeout, defaults.header_timeout,
+        "header_timeout"
+    );
+    assert_eq!(file.idle_timeout, defaults.idle_timeout, "idle_timeout");
+    assert_eq!(
+        file.max_connections, defaults.max_connections,
+        "max_connections"
+    );
+    assert_eq!(
+        file.shutdown_lifetime, defaults.shutdown_lifetime,
+        "shutdown_lifetime"
+    );
+    assert_eq!(file.access_log, defaults.access_log, "access_log");
+    assert_eq!(file.log, defaults.log, "log");
+    assert_eq!(file.log_format, defaults.log_format, "log_format");
+    assert!(file.warnings.is_empty(), "warnings: {:?}", file.warnings);
+
+    // The file was really read: the keys set in it are credited to it.
+    for key in [Key::Listen, Key::AllowedCidrs, Key::ShutdownLifetime] {
+        assert_eq!(
+            file.origins[&key],
+            Origin::File {
+                path: path.clone(),
+                key: key.file_key()
+            },
+            "origin of {key:?}"
+        );
+    }
+}
+
+/// Every setting of `Key::ALL` is documented in `config/cuttle.toml`, set or commented out.
+#[test]
+fn documented_config_file_mentions_every_key() {
+    let path = repo_file("config/cuttle.toml");
+    let text = std::fs::read_to_string(&path).expect("config/cuttle.toml is readable");
+    let keys: Vec<&str> = text
+        .lines()
+        .map(|line| line.trim_start().trim_start_matches('#').trim_start())
+        .filter_map(|line| line.split_once('=').map(|(key, _)| key.trim()))
+        .collect();
+    let missing: Vec<&str> = Key::ALL
+        .iter()
+        .map(|key| key.file_key())
+        .filter(|key| !keys.contains(key))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lacks `key = value` lines for {missing:?}",
+        path.display()
+    );
+}
+
+/// `config/allowlist.example` parses as an allowlist file and every entry in it compiles.
+#[test]
+fn example_allowlist_parses_and_compiles() {
+    let path = repo_file("config/allowlist.example");
+    let entries = read_allowlist_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!entries.is_empty(), "{} has no entries", path.display());
+    for entry in &entries {
+        Allowlist::new(vec![entry.clone()]).unwrap_or_else(|e| panic!("{entry}: {e}"));
+    }
+    let all = Allowlist::new(entries.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        all.len(),
+        entries.len(),
+        "no entry of the example is covered by another"
+    );
+}
