@@ -20,7 +20,10 @@ async fn client_outside_allowed_cidrs_gets_403() {
     assert_eq!(response.status(), 403);
     assert_eq!(response.headers()["x-squid-error"], "ERR_ACCESS_DENIED 0");
     let body = response.text().await.unwrap();
-    assert!(body.contains("127.0.0.2") && body.contains("ALLOWED_CIDRS"), "{body}");
+    assert!(
+        body.contains("127.0.0.2") && body.contains("ALLOWED_CIDRS"),
+        "{body}"
+    );
 
     let inside = client(&proxy.url(), None);
     assert_eq!(inside.get(&url).send().await.unwrap().status(), 200);
@@ -46,8 +49,14 @@ async fn ipv6_client_judged_by_ipv6_ranges() {
     let origin = start_origin().await;
     let url = format!("http://sts.amazonaws.com:{}/hello", origin.port());
     for (cidrs, want) in [("127.0.0.0/8", 403), ("127.0.0.0/8,::1/128", 200)] {
-        let proxy = TestProxy::start(&[("CUTTLE_LISTEN", "[::1]:0"), ("ALLOWED_CIDRS", cidrs)]).await;
-        let status = client(&proxy.url(), None).get(&url).send().await.expect("request").status();
+        let proxy =
+            TestProxy::start(&[("CUTTLE_LISTEN", "[::1]:0"), ("ALLOWED_CIDRS", cidrs)]).await;
+        let status = client(&proxy.url(), None)
+            .get(&url)
+            .send()
+            .await
+            .expect("request")
+            .status();
         assert_eq!(status, want, "ALLOWED_CIDRS={cidrs}");
         proxy.stop().await;
     }
@@ -58,10 +67,19 @@ async fn ipv6_client_judged_by_ipv6_ranges() {
 #[tokio::test]
 async fn ipv4_mapped_peer_matches_ipv4_ranges() {
     let origin = start_origin().await;
-    let proxy = TestProxy::start(&[("CUTTLE_LISTEN", "[::]:0"), ("ALLOWED_CIDRS", "127.0.0.0/8")]).await;
+    let proxy = TestProxy::start(&[
+        ("CUTTLE_LISTEN", "[::]:0"),
+        ("ALLOWED_CIDRS", "127.0.0.0/8"),
+    ])
+    .await;
     let proxy_url = format!("http://127.0.0.1:{}", proxy.addr.port());
     let url = format!("http://sts.amazonaws.com:{}/hello", origin.port());
-    let status = client(&proxy_url, None).get(&url).send().await.expect("request").status();
+    let status = client(&proxy_url, None)
+        .get(&url)
+        .send()
+        .await
+        .expect("request")
+        .status();
     assert_eq!(status, 200);
     proxy.stop().await;
 }

@@ -22,7 +22,10 @@ async fn https_through_connect_with_reqwest() {
     // A second request with a body, on the same client.
     let total = 3 * 1024 * 1024;
     let response = client
-        .post(format!("https://sts.amazonaws.com:{}/sha256", origin.port()))
+        .post(format!(
+            "https://sts.amazonaws.com:{}/sha256",
+            origin.port()
+        ))
         .body(streamed_body(total))
         .send()
         .await
@@ -56,7 +59,11 @@ async fn https_through_connect_with_curl() {
     })
     .await
     .unwrap();
-    assert!(output.status.success(), "curl: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&output.stdout), "hello from origin");
     proxy.stop().await;
 }
@@ -69,16 +76,29 @@ async fn connect_refusals() {
     let proxy = TestProxy::start(&[("CUTTLE_CONNECT_PORTS", "443")]).await;
     for (target, needle) in [
         (format!("evil.com:{}", 443), "not on the allowlist"),
-        (format!("sts.amazonaws.com:{}", echo.port()), "not a CONNECT port"),
+        (
+            format!("sts.amazonaws.com:{}", echo.port()),
+            "not a CONNECT port",
+        ),
         ("sts.amazonaws.com:25".to_string(), "not a CONNECT port"),
     ] {
         let (mut stream, head) = connect_raw(proxy.addr, &target).await;
         assert!(head.starts_with("HTTP/1.1 403"), "{target}: {head}");
-        assert!(head.to_ascii_lowercase().contains("x-squid-error: err_access_denied 0"), "{target}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("x-squid-error: err_access_denied 0"),
+            "{target}: {head}"
+        );
         let mut body = vec![0u8; 512];
-        let n = tokio::time::timeout(WAIT, stream.read(&mut body)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(WAIT, stream.read(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
         let body = String::from_utf8_lossy(&body[..n]);
-        assert!(body.contains(needle) && body.contains(target.split(':').next().unwrap()), "{target}: {body}");
+        assert!(
+            body.contains(needle) && body.contains(target.split(':').next().unwrap()),
+            "{target}: {body}"
+        );
     }
     let ca = TestCa::new(&["evil.com"]);
     let error = client(&proxy.url(), Some(&ca))
@@ -93,7 +113,11 @@ async fn connect_refusals() {
 /// CONNECT to an allowlisted name that resolves to the metadata service is refused.
 #[tokio::test]
 async fn connect_to_metadata_address_refused() {
-    let proxy = TestProxy::start(&[("SQUID_WHITELIST", ".example.com"), ("CUTTLE_UPSTREAM_ALLOW_CIDRS", "127.0.0.0/8")]).await;
+    let proxy = TestProxy::start(&[
+        ("SQUID_WHITELIST", ".example.com"),
+        ("CUTTLE_UPSTREAM_ALLOW_CIDRS", "127.0.0.0/8"),
+    ])
+    .await;
     let (_, head) = connect_raw(proxy.addr, "imds.example.com:443").await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     proxy.stop().await;
@@ -106,7 +130,10 @@ async fn connect_to_closed_port_is_502() {
     let proxy = TestProxy::start(&[]).await;
     let (_, head) = connect_raw(proxy.addr, &format!("sts.amazonaws.com:{port}")).await;
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("err_connect_fail"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("err_connect_fail"),
+        "{head}"
+    );
     proxy.stop().await;
 }
 
@@ -137,7 +164,9 @@ async fn half_close_keeps_the_other_direction_open() {
         let mut request = Vec::new();
         s.read_to_end(&mut request).await.unwrap();
         // Only after the client's EOF, answer.
-        s.write_all(format!("got {} bytes", request.len()).as_bytes()).await.unwrap();
+        s.write_all(format!("got {} bytes", request.len()).as_bytes())
+            .await
+            .unwrap();
         s.shutdown().await.unwrap();
     });
     let proxy = TestProxy::start(&[]).await;
@@ -145,7 +174,10 @@ async fn half_close_keeps_the_other_direction_open() {
     stream.write_all(b"question").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut answer = String::new();
-    tokio::time::timeout(WAIT, stream.read_to_string(&mut answer)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(answer, "got 8 bytes");
     server.await.unwrap();
     proxy.stop().await;

@@ -31,7 +31,10 @@ async fn streamed_post_body_arrives_intact() {
     let total: u64 = 5 * 1024 * 1024 + 17;
     let expected = format!("{total} {}", sha256_hex(&pattern(0, total as usize)));
     let response = client(&proxy.url(), None)
-        .post(format!("http://s3.us-west-2.amazonaws.com:{}/sha256", origin.port()))
+        .post(format!(
+            "http://s3.us-west-2.amazonaws.com:{}/sha256",
+            origin.port()
+        ))
         .body(streamed_body(total))
         .send()
         .await
@@ -72,7 +75,10 @@ async fn refused_port_gets_403() {
     assert_eq!(response.status(), 403);
     assert_eq!(response.headers()["x-squid-error"], "ERR_ACCESS_DENIED 0");
     let body = response.text().await.unwrap();
-    assert!(body.contains("sts.amazonaws.com:22") && body.contains("CUTTLE_HTTP_PORTS"), "{body}");
+    assert!(
+        body.contains("sts.amazonaws.com:22") && body.contains("CUTTLE_HTTP_PORTS"),
+        "{body}"
+    );
     proxy.stop().await;
 }
 
@@ -111,7 +117,10 @@ async fn hop_by_hop_headers_removed_and_host_from_uri() {
     let answer = raw_exchange(proxy.addr, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
-    assert!(body.contains(&format!("host: sts.amazonaws.com:{}", origin.port())), "{body}");
+    assert!(
+        body.contains(&format!("host: sts.amazonaws.com:{}", origin.port())),
+        "{body}"
+    );
     assert!(body.contains("x-end: kept"), "{body}");
     assert!(body.contains("via: 1.1 cuttle"), "{body}");
     for gone in ["x-hop", "proxy-authorization", "keep-alive", "evil.com"] {
@@ -131,7 +140,11 @@ async fn dns_failure_is_502() {
         .expect("request");
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["x-squid-error"], "ERR_DNS_FAIL 0");
-    assert!(response.text().await.unwrap().contains("nowhere.example.com"));
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("nowhere.example.com"));
     proxy.stop().await;
 }
 
@@ -162,7 +175,10 @@ async fn metadata_address_refused_although_allowlisted() {
     assert_eq!(response.status(), 403);
     assert_eq!(response.headers()["x-squid-error"], "ERR_ACCESS_DENIED 0");
     let body = response.text().await.unwrap();
-    assert!(body.contains("169.254.169.254") && body.contains("metadata"), "{body}");
+    assert!(
+        body.contains("169.254.169.254") && body.contains("metadata"),
+        "{body}"
+    );
     proxy.stop().await;
 }
 
@@ -171,17 +187,32 @@ async fn metadata_address_refused_although_allowlisted() {
 async fn malformed_and_unsupported_requests() {
     let proxy = TestProxy::start(&[]).await;
     let cases: &[(&str, &str)] = &[
-        ("GET https://sts.amazonaws.com/ HTTP/1.1\r\nHost: sts.amazonaws.com\r\n\r\n", "HTTP/1.1 501"),
+        (
+            "GET https://sts.amazonaws.com/ HTTP/1.1\r\nHost: sts.amazonaws.com\r\n\r\n",
+            "HTTP/1.1 501",
+        ),
         ("GET /somewhere HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 400"),
-        ("GET http://sts.amazonaws.com@evil.com/ HTTP/1.1\r\nHost: evil.com\r\n\r\n", "HTTP/1.1 400"),
-        ("TRACE http://sts.amazonaws.com/ HTTP/1.1\r\nHost: sts.amazonaws.com\r\n\r\n", "HTTP/1.1 405"),
-        ("CONNECT sts.amazonaws.com HTTP/1.1\r\nHost: sts.amazonaws.com\r\n\r\n", "HTTP/1.1 400"),
+        (
+            "GET http://sts.amazonaws.com@evil.com/ HTTP/1.1\r\nHost: evil.com\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            "TRACE http://sts.amazonaws.com/ HTTP/1.1\r\nHost: sts.amazonaws.com\r\n\r\n",
+            "HTTP/1.1 405",
+        ),
+        (
+            "CONNECT sts.amazonaws.com HTTP/1.1\r\nHost: sts.amazonaws.com\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
     ];
     for (request, want) in cases {
         let request = request.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
         let answer = raw_exchange(proxy.addr, request.as_bytes()).await;
         assert!(answer.starts_with(want), "{request:?} -> {answer:?}");
-        assert!(answer.contains("x-squid-error: ERR_"), "{request:?} -> {answer:?}");
+        assert!(
+            answer.contains("x-squid-error: ERR_"),
+            "{request:?} -> {answer:?}"
+        );
     }
     proxy.stop().await;
 }
@@ -222,9 +253,17 @@ async fn curl_plain_http() {
     })
     .await
     .unwrap();
-    assert_eq!(String::from_utf8_lossy(&output.0.stdout), "hello from origin");
+    assert_eq!(
+        String::from_utf8_lossy(&output.0.stdout),
+        "hello from origin"
+    );
     let denied = String::from_utf8_lossy(&output.1.stdout);
     assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
-    assert!(denied.to_ascii_lowercase().contains("x-squid-error: err_access_denied 0"), "{denied}");
+    assert!(
+        denied
+            .to_ascii_lowercase()
+            .contains("x-squid-error: err_access_denied 0"),
+        "{denied}"
+    );
     proxy.stop().await;
 }

@@ -57,7 +57,10 @@ pub fn base_env(dir: &std::path::Path, dns: SocketAddr) -> HashMap<String, Strin
     [
         ("CUTTLE_LISTEN", "127.0.0.1:0".to_string()),
         ("CUTTLE_HOSTS_FILE", hosts.display().to_string()),
-        ("CUTTLE_UPSTREAM_ALLOW_CIDRS", "127.0.0.0/8,::1/128".to_string()),
+        (
+            "CUTTLE_UPSTREAM_ALLOW_CIDRS",
+            "127.0.0.0/8,::1/128".to_string(),
+        ),
         ("CUTTLE_DNS_SERVERS", dns.to_string()),
         ("CUTTLE_CONNECT_PORTS", "443,1025-65535".to_string()),
     ]
@@ -206,9 +209,19 @@ async fn origin_service(req: Request<Incoming>) -> Result<Response<Body>, Infall
     Ok(response)
 }
 
-/// `len` bytes of a fixed pattern starting at stream offset `offset`.
+/// `len` bytes of a fixed pattern (byte `i` of the stream is `i % 251`) starting at stream
+/// offset `offset`.
 pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| ((offset + i) % 251) as u8).collect()
+    static TABLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    const SPAN: usize = 256 * 1024;
+    if len > SPAN {
+        return (0..len as u64)
+            .map(|i| ((offset + i) % 251) as u8)
+            .collect();
+    }
+    let table = TABLE.get_or_init(|| (0..(SPAN + 251) as u64).map(|i| (i % 251) as u8).collect());
+    let start = (offset % 251) as usize;
+    table[start..start + len].to_vec()
 }
 
 /// Lowercase hex.
@@ -227,7 +240,9 @@ pub async fn start_origin() -> SocketAddr {
     let addr = listener.local_addr().expect("origin addr");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service_fn(origin_service))
@@ -287,14 +302,20 @@ pub async fn start_tls_origin(ca: &TestCa) -> SocketAddr {
     )
     .expect("tls config");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls origin");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind tls origin");
     let addr = listener.local_addr().expect("tls origin addr");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service_fn(origin_service))
                     .await;
@@ -311,7 +332,9 @@ pub async fn start_echo() -> SocketAddr {
     let addr = listener.local_addr().expect("echo addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = stream.split();
                 if tokio::io::copy(&mut r, &mut w).await.is_ok() {
@@ -335,7 +358,10 @@ pub async fn closed_port() -> u16 {
 pub async fn connect_raw(proxy: SocketAddr, target: &str) -> (TcpStream, String) {
     let mut stream = TcpStream::connect(proxy).await.expect("connect to proxy");
     let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send CONNECT");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send CONNECT");
     let head = read_head(&mut stream).await;
     (stream, head)
 }
@@ -425,7 +451,9 @@ impl FakeDns {
         let task = tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             loop {
-                let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
+                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                    continue;
+                };
                 if let Some(answer) = nxdomain(&buf[..n]) {
                     let _ = socket.send_to(&answer, peer).await;
                 }
@@ -573,7 +601,8 @@ impl CuttleProcess {
 
     /// The kernel's peak resident set size of the process, in KiB (`VmHWM`).
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -614,7 +643,10 @@ pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String)
         std::thread::sleep(Duration::from_millis(20));
     }
     let output = child.wait_with_output().expect("output");
-    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// Streams `total` bytes of [`pattern`] as a request body in uneven chunks.
@@ -624,7 +656,10 @@ pub fn streamed_body(total: u64) -> reqwest::Body {
             return None;
         }
         let len = (total - sent).min(40_000 + sent % 30_000);
-        Some((Ok::<_, std::io::Error>(pattern(sent, len as usize)), sent + len))
+        Some((
+            Ok::<_, std::io::Error>(pattern(sent, len as usize)),
+            sent + len,
+        ))
     });
     reqwest::Body::wrap_stream(chunks.boxed())
 }
