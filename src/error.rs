@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::guard::Refusal;
+use crate::metrics::Reason;
 use crate::policy::Denial;
 use crate::proxy::{full, Body};
 
@@ -55,17 +56,17 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// The fixed label of this error for metrics and logs.
-    pub fn reason(&self) -> &'static str {
+    /// The fixed reason of this error for metrics and logs.
+    pub fn reason(&self) -> Reason {
         match self {
-            ProxyError::Denied { denial, .. } => denial.label(),
-            ProxyError::AddressRefused { .. } => "upstream_address",
-            ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => "bad_request",
-            ProxyError::NotImplemented(_) => "not_implemented",
-            ProxyError::Dns { .. } => "dns",
-            ProxyError::ConnectFailed { .. } => "connect_failed",
-            ProxyError::ConnectTimeout { .. } => "connect_timeout",
-            ProxyError::Upstream { .. } => "upstream_failed",
+            ProxyError::Denied { denial, .. } => denial.reason(),
+            ProxyError::AddressRefused { .. } => Reason::UpstreamAddress,
+            ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => Reason::BadRequest,
+            ProxyError::NotImplemented(_) => Reason::NotImplemented,
+            ProxyError::Dns { .. } => Reason::Dns,
+            ProxyError::ConnectFailed { .. } => Reason::ConnectFailed,
+            ProxyError::ConnectTimeout { .. } => Reason::ConnectTimeout,
+            ProxyError::Upstream { .. } => Reason::UpstreamFailed,
         }
     }
 

@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,16 +27,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
+use crate::metrics::Direction;
 use crate::policy::Target;
-use crate::proxy::Body;
+use crate::proxy::{Body, Relayed};
 use crate::resolve::Dialer;
 use crate::server::Conn;
+use crate::transaction::{CountedBody, Transaction};
 
 /// The `Via` value cuttle adds.
 const VIA: &str = "1.1 cuttle";
 
 /// The pooled upstream client.
-pub type UpstreamClient = Client<Connector, Incoming>;
+pub type UpstreamClient = Client<Connector, CountedBody<Incoming>>;
 
 /// Builds the pooled client; idle pooled connections are closed after `idle`.
 pub fn client(dialer: Arc<Dialer>, idle: Duration) -> UpstreamClient {
@@ -50,6 +53,7 @@ pub async fn forward(
     conn: &Arc<Conn>,
     req: Request<Incoming>,
     target: Target,
+    tx: &Transaction,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let path = parts
@@ -73,12 +77,22 @@ pub async fn forward(
     let response = conn
         .shared
         .client
-        .request(Request::from_parts(parts, body))
+        .request(Request::from_parts(
+            parts,
+            CountedBody::counted(body, tx.counter(Direction::ClientToUpstream)),
+        ))
         .await
         .map_err(|e| upstream_error(e, &target))?;
     let (mut parts, body) = response.into_parts();
+    if let Some(info) = parts.extensions.remove::<UpstreamInfo>() {
+        // DNS and connect times belong to the request that opened the pooled connection.
+        let fresh = info.fresh.swap(false, Ordering::Relaxed);
+        tx.upstream(info.addr, fresh.then_some((info.dns, info.connect)));
+    }
     remove_hop_by_hop(&mut parts.headers);
     append_via(&mut parts.headers);
+    parts.extensions.insert(Relayed);
+    let body = CountedBody::counted(body, tx.counter(Direction::UpstreamToClient));
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
@@ -172,25 +186,36 @@ impl tower_service::Service<Uri> for Connector {
             let upstream = dialer.connect(&target).await?;
             Ok(UpstreamIo {
                 io: TokioIo::new(upstream.stream),
-                addr: upstream.addr,
+                info: UpstreamInfo {
+                    addr: upstream.addr,
+                    dns: upstream.dns,
+                    connect: upstream.connect,
+                    fresh: Arc::new(AtomicBool::new(true)),
+                },
             })
         })
     }
 }
 
-/// A pooled upstream connection; remembers the address it reached.
+/// A pooled upstream connection; remembers what it reached and what that took.
 pub struct UpstreamIo {
     io: TokioIo<TcpStream>,
-    addr: std::net::SocketAddr,
+    info: UpstreamInfo,
 }
 
-/// The upstream address of a forwarded response (in its extensions).
-#[derive(Clone, Copy, Debug)]
-pub struct UpstreamAddr(pub std::net::SocketAddr);
+/// Where a pooled connection goes, handed to each response over it (in its extensions).
+#[derive(Clone, Debug)]
+pub struct UpstreamInfo {
+    addr: std::net::SocketAddr,
+    dns: Duration,
+    connect: Duration,
+    /// True until the first response over the connection claims the DNS and connect times.
+    fresh: Arc<AtomicBool>,
+}
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        Connected::new().extra(UpstreamAddr(self.addr))
+        Connected::new().extra(self.info.clone())
     }
 }
 

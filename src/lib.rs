@@ -23,12 +23,16 @@
 //! | [`tunnel`] | `CONNECT` |
 //! | [`forward`] | plain HTTP forwarding over a pooled client |
 //! | [`local`] | `/healthz`, `/metrics` |
+//! | [`metrics`] | the Prometheus registry, typed handles, closed label enums |
+//! | [`access_log`] | Squid and JSON access log lines, the non-blocking writer task |
+//! | [`transaction`] | one request's bookkeeping: decision, bytes, upstream, timings, then metrics and log |
 //! | [`error`] | `ProxyError` and its one mapping to responses |
 //! | [`idle`] | the activity clock behind `CUTTLE_IDLE_TIMEOUT` |
 //! | [`signals`] | SIGTERM / SIGINT |
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod allowlist;
 pub mod client_acl;
 pub mod error;
@@ -37,6 +41,7 @@ pub mod guard;
 pub mod host;
 pub mod idle;
 pub mod local;
+pub mod metrics;
 pub mod netset;
 pub mod policy;
 pub mod proxy;
@@ -44,4 +49,5 @@ pub mod resolve;
 pub mod server;
 pub mod settings;
 pub mod signals;
+pub mod transaction;
 pub mod tunnel;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use cuttle::allowlist::EntrySource;
 use cuttle::server::Server;
 use cuttle::settings::{Key, LogFormat, Settings, Sources};
 use tokio_util::sync::CancellationToken;
@@ -83,6 +84,15 @@ async fn run(settings: Settings) -> ExitCode {
         .iter()
         .map(ToString::to_string)
         .collect();
+    let count =
+        |f: fn(&EntrySource) -> bool| settings.allowlist.iter().filter(|e| f(&e.source)).count();
+    let sources = format!(
+        "regional defaults {}, global defaults {}, SQUID_WHITELIST {}, allowlist file {}",
+        count(|s| matches!(s, EntrySource::AwsRegion(_))),
+        count(|s| matches!(s, EntrySource::AwsGlobal)),
+        count(|s| matches!(s, EntrySource::SquidWhitelist)),
+        count(|s| matches!(s, EntrySource::AllowlistFile { .. })),
+    );
     let server = match Server::bind(settings).await {
         Ok(server) => server,
         Err(e) => {
@@ -93,13 +103,18 @@ async fn run(settings: Settings) -> ExitCode {
     };
     let shared = server.shared();
     let policy = shared.policy.load();
+    let admin = server
+        .admin_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "-".into());
     tracing::info!(
         listen = %server.local_addr(),
-        admin = ?server.admin_addr(),
+        admin = %admin,
         allowlist_entries = policy.allowlist().len(),
+        allowlist_sources = %sources,
         aws_regions = %regions.join(","),
         no_whitelist = shared.settings.no_whitelist,
-        allowlist_file = ?shared.settings.allowlist_file,
+        access_log = ?shared.settings.access_log,
         "cuttle listening"
     );
     let shutdown = CancellationToken::new();

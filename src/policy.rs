@@ -13,6 +13,7 @@ use std::fmt;
 use crate::allowlist::{Allowlist, Entry, EntryError};
 use crate::client_acl::{ClientAcl, ClientAddr};
 use crate::host::{Host, HostError};
+use crate::metrics::Reason;
 use crate::settings::{PortSet, Settings};
 
 /// Where a request goes: a normalised host and a port.
@@ -134,12 +135,12 @@ pub enum Denial {
 }
 
 impl Denial {
-    /// The fixed metric label of this refusal.
-    pub fn label(self) -> &'static str {
+    /// The fixed metric reason of this refusal.
+    pub fn reason(self) -> Reason {
         match self {
-            Denial::ClientCidr => "client_cidr",
-            Denial::ConnectPort | Denial::HttpPort => "port",
-            Denial::Allowlist => "allowlist",
+            Denial::ClientCidr => Reason::ClientCidr,
+            Denial::ConnectPort | Denial::HttpPort => Reason::Port,
+            Denial::Allowlist => Reason::Allowlist,
         }
     }
 
@@ -199,14 +200,16 @@ impl Policy {
         &self.allowlist
     }
 
+    /// Step 1 alone: may `client` use the proxy at all? `local` says the request is for the
+    /// proxy's own endpoints, which loopback may always ask (health checks from the same host).
+    pub fn admits(&self, client: ClientAddr, local: bool) -> bool {
+        self.clients.allows(client) || (local && client.ip().is_loopback())
+    }
+
     /// Decides one request.
     pub fn decide(&self, client: ClientAddr, request: Request<'_>) -> Decision<'_> {
-        if !self.clients.allows(client) {
-            // Loopback may always ask the proxy itself (health checks from the same host).
-            let local_ok = matches!(request, Request::Local) && client.ip().is_loopback();
-            if !local_ok {
-                return Decision::Deny(Denial::ClientCidr);
-            }
+        if !self.admits(client, matches!(request, Request::Local)) {
+            return Decision::Deny(Denial::ClientCidr);
         }
         let (target, ports, port_denial) = match request {
             Request::Local => return Decision::Allow(Rule::Local),

@@ -1,20 +1,21 @@
-//! The request path: classify the request, ask the policy, then tunnel, forward or answer
-//! locally. [`handle`] is the whole story on one screen; each step returns
+//! The request path: check the client, classify the request, ask the policy, then tunnel,
+//! forward or answer locally. [`route`] is the whole story on one screen; each step returns
 //! `Result<_, ProxyError>` and [`ProxyError::into_response`] is the only place errors become
-//! responses.
+//! responses. Every request is one [`Transaction`], reported when its response ends.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{header, Method, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 
 use crate::error::ProxyError;
 use crate::policy::{Decision, Request as PolicyRequest, Target};
 use crate::server::Conn;
+use crate::transaction::{CountedBody, Transaction};
 use crate::{forward, local, tunnel};
 
 /// The body of every response the proxy sends.
@@ -26,6 +27,10 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .map_err(|never| match never {})
         .boxed()
 }
+
+/// Marks a response whose body is relayed from upstream (and counted as it flows).
+#[derive(Clone, Copy, Debug)]
+pub struct Relayed;
 
 /// What a request is, before any policy.
 #[derive(Debug)]
@@ -40,28 +45,87 @@ enum Kind {
 
 /// Serves one request. Never fails: errors become responses.
 pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    Ok(route(&conn, req)
-        .await
-        .unwrap_or_else(ProxyError::into_response))
+    let tx = Transaction::begin(
+        conn.shared.observer.clone(),
+        conn.client,
+        req.method(),
+        log_url(&req),
+    );
+    let response = route(&conn, req, &tx).await.unwrap_or_else(|error| {
+        tracing::debug!(client = %conn.client, reason = error.reason().label(), %error, "request failed");
+        tx.failed(&error);
+        error.into_response()
+    });
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    tx.response(response.status().as_u16(), content_type);
+    if response.extensions().get::<Relayed>().is_none() {
+        tx.add_local_bytes(response.body().size_hint().exact().unwrap_or(0));
+    }
+    Ok(response.map(|body| CountedBody::holding(body, tx).boxed()))
 }
 
-async fn route(conn: &Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
-    let kind = classify(&req)?;
+async fn route(
+    conn: &Arc<Conn>,
+    req: Request<Incoming>,
+    tx: &Transaction,
+) -> Result<Response<Body>, ProxyError> {
+    let wants_local = req.method() != Method::CONNECT && req.uri().scheme().is_none();
+    if wants_local {
+        let healthz = req.uri().path() == "/healthz";
+        tx.local(!healthz || conn.shared.settings.access_log_healthz);
+    }
     let policy = conn.shared.policy.load_full();
+    if conn.admin {
+        // The admin listener serves the local endpoints to anyone who can reach it, nothing else.
+        return match classify(&req)? {
+            Kind::Local => local::serve(&conn.shared, &req),
+            _ => Err(ProxyError::BadRequest(
+                "the admin listener serves only GET /healthz and GET /metrics".into(),
+            )),
+        };
+    }
+    // Step 1 comes first: a client outside ALLOWED_CIDRS learns nothing else.
+    if !policy.admits(conn.client, wants_local) {
+        let denial = crate::policy::Denial::ClientCidr;
+        let message = denial.explain(conn.client, None);
+        return Err(ProxyError::Denied { denial, message });
+    }
+    let kind = classify(&req)?;
     let (policy_request, target) = match &kind {
         Kind::Connect(t) => (PolicyRequest::Connect(t), Some(t)),
         Kind::Http(t) => (PolicyRequest::Http(t), Some(t)),
         Kind::Local => (PolicyRequest::Local, None),
     };
-    if let Decision::Deny(denial) = policy.decide(conn.client, policy_request) {
-        let message = denial.explain(conn.client, target);
-        tracing::debug!(client = %conn.client, reason = denial.label(), %message, "refused");
-        return Err(ProxyError::Denied { denial, message });
+    if let Some(target) = target {
+        tx.target(target);
+    }
+    match policy.decide(conn.client, policy_request) {
+        Decision::Allow(rule) => tx.allowed(rule),
+        Decision::Deny(denial) => {
+            let message = denial.explain(conn.client, target);
+            return Err(ProxyError::Denied { denial, message });
+        }
     }
     match kind {
-        Kind::Connect(target) => tunnel::open(conn, req, target).await,
-        Kind::Http(target) => forward::forward(conn, req, target).await,
+        Kind::Connect(target) => tunnel::open(conn, req, target, tx).await,
+        Kind::Http(target) => forward::forward(conn, req, target, tx).await,
         Kind::Local => local::serve(&conn.shared, &req),
+    }
+}
+
+/// The URL as logged: `host:port` for CONNECT, otherwise the request target without its query
+/// (Squid's default `strip_query_terms on`: presigned URLs carry credentials in the query).
+fn log_url<B>(req: &Request<B>) -> String {
+    let uri = req.uri();
+    if req.method() == Method::CONNECT {
+        return uri.to_string();
+    }
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
+        _ => uri.path().to_string(),
     }
 }
 
@@ -156,5 +220,22 @@ mod tests {
                 "{method} {uri}"
             );
         }
+    }
+
+    /// Logged URLs drop the query, as Squid does by default.
+    #[test]
+    fn logged_url_strips_query() {
+        let url = |method: &str, uri: &str| {
+            log_url(&Request::builder().method(method).uri(uri).body(()).unwrap())
+        };
+        assert_eq!(
+            url("GET", "http://s3.amazonaws.com/b/k?X-Amz-Signature=secret"),
+            "http://s3.amazonaws.com/b/k"
+        );
+        assert_eq!(
+            url("CONNECT", "sts.amazonaws.com:443"),
+            "sts.amazonaws.com:443"
+        );
+        assert_eq!(url("GET", "/metrics?x"), "/metrics");
     }
 }

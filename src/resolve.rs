@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
@@ -17,10 +18,12 @@ use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::guard::AddressGuard;
 use crate::host::Host;
+use crate::metrics::Metrics;
 use crate::policy::Target;
 use crate::settings::{Key, Origin, Settings};
 
@@ -158,11 +161,15 @@ impl Resolver {
     }
 }
 
-/// An upstream connection and the address it reached.
+/// An upstream connection, the address it reached, and what it took.
 #[derive(Debug)]
 pub struct Upstream {
     pub stream: TcpStream,
     pub addr: SocketAddr,
+    /// Time to resolve the name (zero for IP literals).
+    pub dns: Duration,
+    /// Time to connect, over every address tried.
+    pub connect: Duration,
 }
 
 /// Resolve, guard, dial.
@@ -170,20 +177,33 @@ pub struct Dialer {
     resolver: Resolver,
     guard: AddressGuard,
     connect_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Dialer {
-    pub fn new(resolver: Resolver, guard: AddressGuard, connect_timeout: Duration) -> Dialer {
+    pub fn new(
+        resolver: Resolver,
+        guard: AddressGuard,
+        connect_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Dialer {
         Dialer {
             resolver,
             guard,
             connect_timeout,
+            metrics,
         }
     }
 
     /// Connects to `target` through the addresses that pass the guard, in resolver order.
     pub async fn connect(&self, target: &Target) -> Result<Upstream, ProxyError> {
-        let addrs = self.resolver.lookup(&target.host).await?;
+        let started = Instant::now();
+        let addrs = self.resolver.lookup(&target.host).await;
+        let dns = started.elapsed();
+        if matches!(target.host, Host::Name(_)) {
+            self.metrics.dns_lookup_seconds.observe(dns.as_secs_f64());
+        }
+        let addrs = addrs?;
         let mut refused = None;
         let allowed: Vec<SocketAddr> = addrs
             .into_iter()
@@ -205,11 +225,22 @@ impl Dialer {
             });
         }
         let mut last = None;
+        let connecting = Instant::now();
         for addr in allowed {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            let attempt = Instant::now();
+            let result = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await;
+            self.metrics
+                .upstream_connect_seconds
+                .observe(attempt.elapsed().as_secs_f64());
+            match result {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(Upstream { stream, addr });
+                    return Ok(Upstream {
+                        stream,
+                        addr,
+                        dns,
+                        connect: connecting.elapsed(),
+                    });
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%addr, error = %e, "upstream connect failed");

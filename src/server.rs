@@ -17,21 +17,25 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access_log::AccessLog;
 use crate::client_acl::ClientAddr;
 use crate::forward::{self, UpstreamClient};
 use crate::guard::AddressGuard;
 use crate::idle::{Activity, ActivityIo};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::proxy;
 use crate::resolve::{Dialer, Resolver};
 use crate::settings::Settings;
+use crate::transaction::Observer;
+use prometheus::IntGauge;
 
 /// Largest request head accepted; a larger one gets 431 (hyper's answer) and a close.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -54,6 +58,8 @@ pub enum StartError {
 /// State shared by every connection.
 pub struct Shared {
     pub settings: Arc<Settings>,
+    /// Metrics and the access log.
+    pub observer: Arc<Observer>,
     /// The current policy; swapped whole on reload.
     pub policy: ArcSwap<Policy>,
     pub dialer: Arc<Dialer>,
@@ -71,6 +77,10 @@ pub struct Conn {
     pub shared: Arc<Shared>,
     pub client: ClientAddr,
     pub activity: Arc<Activity>,
+    /// Accepted on the admin listener: only `/healthz` and `/metrics` are served.
+    pub admin: bool,
+    /// Keeps `cuttle_connections_active` up while the connection (or its tunnel) lives.
+    _active: ActiveGuard,
     /// This connection's place under `CUTTLE_MAX_CONNECTIONS`, held until the connection and
     /// any tunnel over it are gone.
     _permit: OwnedSemaphorePermit,
@@ -84,10 +94,23 @@ pub struct Server {
 }
 
 impl Server {
-    /// Compiles the policy, sets up the resolver and binds the listeners. Everything that can
-    /// fail on bad configuration fails here, before anything is served.
+    /// Compiles the policy, sets up the resolver and binds the listeners, with the access log
+    /// on stdout. Everything that can fail on bad configuration fails here, before anything is
+    /// served.
     pub async fn bind(settings: Settings) -> Result<Server, StartError> {
+        Server::bind_with_log(settings, tokio::io::stdout()).await
+    }
+
+    /// [`Server::bind`] with the access log written to `access_log` instead of stdout.
+    pub async fn bind_with_log<W>(settings: Settings, access_log: W) -> Result<Server, StartError>
+    where
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
         let policy = Policy::new(&settings)?;
+        let metrics = Arc::new(Metrics::new());
+        metrics
+            .allowlist_entries
+            .set(policy.allowlist().len() as i64);
         let resolver = Resolver::new(&settings)?;
         let listener = bind(settings.listen, "CUTTLE_LISTEN").await?;
         let admin = match settings.admin_listen {
@@ -101,9 +124,23 @@ impl Server {
             &settings.upstream_deny_cidrs,
             own,
         );
-        let dialer = Arc::new(Dialer::new(resolver, guard, settings.connect_timeout));
+        let dialer = Arc::new(Dialer::new(
+            resolver,
+            guard,
+            settings.connect_timeout,
+            metrics.clone(),
+        ));
         let client = forward::client(dialer.clone(), settings.idle_timeout);
+        let observer = Arc::new(Observer {
+            access_log: AccessLog::start(
+                settings.access_log,
+                access_log,
+                metrics.access_log_dropped.clone(),
+            ),
+            metrics,
+        });
         let shared = Arc::new(Shared {
+            observer,
             settings: Arc::new(settings),
             policy: ArcSwap::from_pointee(policy),
             dialer,
@@ -147,6 +184,7 @@ impl Server {
         let admin_task = admin.map(|admin| {
             tokio::spawn(accept_loop(
                 admin,
+                true,
                 shared.clone(),
                 limit.clone(),
                 admin_stop.clone(),
@@ -154,7 +192,15 @@ impl Server {
             ))
         });
 
-        accept_loop(listener, shared.clone(), limit, shutdown.clone(), shutdown).await;
+        accept_loop(
+            listener,
+            false,
+            shared.clone(),
+            limit,
+            shutdown.clone(),
+            shutdown,
+        )
+        .await;
 
         shared.draining.store(true, Ordering::SeqCst);
         let lifetime = shared.settings.shutdown_lifetime;
@@ -172,6 +218,11 @@ impl Server {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        shared
+            .observer
+            .access_log
+            .flush(Duration::from_secs(2))
+            .await;
         tracing::info!("stopped");
     }
 }
@@ -192,6 +243,7 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
 /// gracefully when `drain` fires.
 async fn accept_loop(
     listener: TcpListener,
+    admin: bool,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     stop: CancellationToken,
@@ -210,8 +262,11 @@ async fn accept_loop(
                 }
             },
         };
+        let metrics = &shared.observer.metrics;
+        metrics.connections_total.inc();
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached (CUTTLE_MAX_CONNECTIONS)");
+            metrics.connections_rejected.inc();
             shared.tracker.spawn(refuse_overloaded(stream));
             continue;
         };
@@ -219,12 +274,30 @@ async fn accept_loop(
             shared: shared.clone(),
             client: ClientAddr::new(peer),
             activity: Activity::new(),
+            admin,
+            _active: ActiveGuard::new(&metrics.connections_active),
             _permit: permit,
         };
         let span = tracing::debug_span!("conn", client = %conn.client);
         shared
             .tracker
             .spawn(serve_connection(stream, Arc::new(conn), drain.clone()).instrument(span));
+    }
+}
+
+/// Holds a gauge one higher while alive.
+pub struct ActiveGuard(IntGauge);
+
+impl ActiveGuard {
+    pub fn new(gauge: &IntGauge) -> ActiveGuard {
+        gauge.inc();
+        ActiveGuard(gauge.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -48,13 +48,14 @@ pub enum Key {
     IdleTimeout,
     MaxConnections,
     AccessLog,
+    AccessLogHealthz,
     Log,
     LogFormat,
 }
 
 impl Key {
     /// All keys, in the order `cuttle config` prints them.
-    pub const ALL: [Key; 21] = [
+    pub const ALL: [Key; 22] = [
         Key::Listen,
         Key::AdminListen,
         Key::AllowedCidrs,
@@ -74,6 +75,7 @@ impl Key {
         Key::MaxConnections,
         Key::ShutdownLifetime,
         Key::AccessLog,
+        Key::AccessLogHealthz,
         Key::Log,
         Key::LogFormat,
     ];
@@ -100,6 +102,7 @@ impl Key {
             Key::IdleTimeout => "idle_timeout",
             Key::MaxConnections => "max_connections",
             Key::AccessLog => "access_log",
+            Key::AccessLogHealthz => "access_log_healthz",
             Key::Log => "log",
             Key::LogFormat => "log_format",
         }
@@ -127,6 +130,7 @@ impl Key {
             Key::IdleTimeout => "CUTTLE_IDLE_TIMEOUT",
             Key::MaxConnections => "CUTTLE_MAX_CONNECTIONS",
             Key::AccessLog => "CUTTLE_ACCESS_LOG",
+            Key::AccessLogHealthz => "CUTTLE_ACCESS_LOG_HEALTHZ",
             Key::Log => "CUTTLE_LOG",
             Key::LogFormat => "CUTTLE_LOG_FORMAT",
         }
@@ -154,6 +158,7 @@ impl Key {
             Key::IdleTimeout => "15m",
             Key::MaxConnections => "10000",
             Key::AccessLog => "squid",
+            Key::AccessLogHealthz => "false",
             Key::Log => "info",
             Key::LogFormat => "text",
         }
@@ -353,6 +358,8 @@ pub struct Settings {
     pub shutdown_lifetime: Duration,
     /// Access log format.
     pub access_log: AccessLogFormat,
+    /// Log `/healthz` requests too (load balancer probes are left out by default).
+    pub access_log_healthz: bool,
     /// Diagnostic log filter (`tracing_subscriber::EnvFilter` syntax).
     pub log: String,
     /// Diagnostic log format.
@@ -484,6 +491,7 @@ impl Settings {
                 ("off", AccessLogFormat::Off),
             ],
         )?;
+        let access_log_healthz = parse_bool(&get(Key::AccessLogHealthz))?;
         let log_raw = get(Key::Log);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_raw.text) {
             return Err(log_raw.invalid(format!(
@@ -530,6 +538,7 @@ impl Settings {
             max_connections,
             shutdown_lifetime,
             access_log,
+            access_log_healthz,
             log: log_raw.text,
             log_format,
             origins,

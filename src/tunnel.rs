@@ -15,20 +15,24 @@ use crate::error::ProxyError;
 use crate::policy::Target;
 use crate::proxy::{full, Body};
 use crate::resolve::Upstream;
-use crate::server::Conn;
+use crate::server::{ActiveGuard, Conn};
+use crate::transaction::{CountedIo, Transaction};
 
 /// Opens a tunnel to `target` (already allowed by the policy).
 pub async fn open(
     conn: &Arc<Conn>,
     mut req: Request<Incoming>,
     target: Target,
+    tx: &Transaction,
 ) -> Result<Response<Body>, ProxyError> {
     let upstream = conn.shared.dialer.connect(&target).await?;
+    tx.upstream(upstream.addr, Some((upstream.dns, upstream.connect)));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnel_conn = conn.clone();
+    let tx = tx.clone();
     conn.shared.tracker.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => relay(tunnel_conn, upgraded, upstream, target).await,
+            Ok(upgraded) => relay(tunnel_conn, upgraded, upstream, target, tx).await,
             Err(e) => tracing::debug!(error = %e, "client left before the tunnel started"),
         }
     });
@@ -41,11 +45,19 @@ pub async fn open(
 
 /// Copies until both directions finish, the tunnel is idle for `CUTTLE_IDLE_TIMEOUT`, or the
 /// drain deadline passes.
-async fn relay(conn: Arc<Conn>, upgraded: Upgraded, mut upstream: Upstream, target: Target) {
+async fn relay(
+    conn: Arc<Conn>,
+    upgraded: Upgraded,
+    upstream: Upstream,
+    target: Target,
+    tx: Transaction,
+) {
+    let _active = ActiveGuard::new(&conn.shared.observer.metrics.tunnels_active);
     let mut client = TokioIo::new(upgraded);
+    let mut upstream = CountedIo::new(upstream.stream, &tx);
     let idle_timeout = conn.shared.settings.idle_timeout;
     tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream.stream) => match result {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {
             Ok((up, down)) => tracing::debug!(%target, up, down, "tunnel closed"),
             Err(e) => tracing::debug!(%target, error = %e, "tunnel failed"),
         },

@@ -79,7 +79,9 @@ impl TestProxy {
             env.insert(k.to_string(), v.to_string());
         }
         let settings = Settings::load(&Sources::from_env(env)).expect("test settings load");
-        let server = Server::bind(settings).await.expect("proxy binds");
+        let server = Server::bind_with_log(settings, tokio::io::sink())
+            .await
+            .expect("proxy binds");
         let addr = server.local_addr();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(server.run(shutdown.clone()));
@@ -496,11 +498,25 @@ fn nxdomain(query: &[u8]) -> Option<Vec<u8>> {
 
 // === The binary ===
 
+/// What happens to the binary's stdout (the access log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stdout {
+    /// Discarded.
+    Null,
+    /// Read line by line, available through [`CuttleProcess::access_lines`].
+    Capture,
+    /// A pipe nobody reads: it fills up and writes block.
+    Stall,
+}
+
 /// The `cuttle` binary, started with a clean environment.
 pub struct CuttleProcess {
     child: Child,
     pub addr: SocketAddr,
     lines: mpsc::Receiver<String>,
+    access: Option<mpsc::Receiver<String>>,
+    /// Access log lines received so far.
+    pub access_log: Vec<String>,
     pub stderr: Vec<String>,
     _dir: tempfile::TempDir,
     _dns: FakeDns,
@@ -509,6 +525,11 @@ pub struct CuttleProcess {
 impl CuttleProcess {
     /// Starts the binary with the base environment plus `extra` and waits until it listens.
     pub async fn start(extra: &[(&str, &str)]) -> CuttleProcess {
+        CuttleProcess::start_with(extra, Stdout::Null).await
+    }
+
+    /// [`CuttleProcess::start`] with a choice of what happens to stdout.
+    pub async fn start_with(extra: &[(&str, &str)], stdout: Stdout) -> CuttleProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let dns = FakeDns::start().await;
         let mut env = base_env(dir.path(), dns.addr);
@@ -519,10 +540,28 @@ impl CuttleProcess {
             .env_clear()
             .envs(&env)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(match stdout {
+                Stdout::Null => Stdio::null(),
+                Stdout::Capture | Stdout::Stall => Stdio::piped(),
+            })
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cuttle");
+        let access = match stdout {
+            Stdout::Capture => {
+                let out = child.stdout.take().expect("stdout");
+                let (tx, rx) = mpsc::channel();
+                std::thread::spawn(move || {
+                    for line in BufReader::new(out).lines().map_while(Result::ok) {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                });
+                Some(rx)
+            }
+            _ => None,
+        };
         let stderr = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -536,18 +575,46 @@ impl CuttleProcess {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             lines,
+            access,
+            access_log: Vec::new(),
             stderr: Vec::new(),
             _dir: dir,
             _dns: dns,
         };
         let line = process.wait_for_line("cuttle listening");
+        // Text (`listen=ADDR`) or JSON (`"listen":"ADDR"`) diagnostics.
         let addr = line
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix("listen="))
-            .and_then(|a| a.parse().ok())
+            .split([' ', ','])
+            .find_map(|field| {
+                field
+                    .strip_prefix("listen=")
+                    .or_else(|| field.strip_prefix("\"listen\":"))
+            })
+            .and_then(|a| a.trim_matches('"').parse().ok())
             .unwrap_or_else(|| panic!("no listen address in {line:?}"));
         process.addr = addr;
         process
+    }
+
+    /// Waits (up to `WAIT`) until at least `n` access log lines arrived; returns them all.
+    pub fn access_lines(&mut self, n: usize) -> Vec<String> {
+        let rx = self.access.as_ref().expect("stdout captured");
+        let deadline = Instant::now() + WAIT;
+        while self.access_log.len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match rx.recv_timeout(left) {
+                Ok(line) => self.access_log.push(line),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            self.access_log.len() >= n,
+            "expected {n} access log lines, got {:?}",
+            self.access_log
+        );
+        self.access_log.clone()
     }
 
     /// The process id.

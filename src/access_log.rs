@@ -1,0 +1,336 @@
+//! The access log: one line per request or tunnel when it ends, on stdout.
+//!
+//! Formats: Squid's native `logformat squid`
+//! (`%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt`) so that existing Squid log
+//! parsers read it unchanged, or one JSON object a line.
+//!
+//! Lines never hold up traffic: the request path hands a [`Record`] to a bounded channel and
+//! returns; one writer task formats and writes. When the channel is full (stdout cannot keep
+//! up), the record is dropped and counted in `cuttle_access_log_dropped_total`.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::IntCounter;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::{Kind, Outcome, Reason};
+use crate::settings::AccessLogFormat;
+
+/// Records waiting for the writer; past this, records are dropped.
+const QUEUE: usize = 4096;
+
+/// One finished request or tunnel.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// When it ended.
+    pub end: SystemTime,
+    pub duration: Duration,
+    pub client: IpAddr,
+    pub kind: Kind,
+    pub method: String,
+    /// `host:port` for CONNECT, the absolute URI for plain HTTP, the path for local requests.
+    pub url: String,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub reason: Reason,
+    /// The rule that allowed it (`.us-west-2.amazonaws.com (AWS_REGIONS=us-west-2)`).
+    pub rule: Option<String>,
+    /// Bytes from the client to the upstream (request body or tunnel data).
+    pub bytes_up: u64,
+    /// Bytes sent to the client (response body or tunnel data).
+    pub bytes_down: u64,
+    pub upstream: Option<SocketAddr>,
+    pub dns: Option<Duration>,
+    pub connect: Option<Duration>,
+    pub content_type: Option<String>,
+}
+
+impl Record {
+    /// Squid's result code (`%Ss`).
+    pub fn squid_code(&self) -> &'static str {
+        match (self.outcome, self.kind) {
+            (Outcome::Denied, _) => "TCP_DENIED",
+            (_, Kind::Local) => "NONE",
+            (Outcome::Error, _)
+                if self.reason == Reason::BadRequest || self.reason == Reason::NotImplemented =>
+            {
+                "NONE"
+            }
+            (_, Kind::Connect) => "TCP_TUNNEL",
+            (_, Kind::Http) => "TCP_MISS",
+        }
+    }
+
+    /// The line in Squid's native format (no newline).
+    pub fn squid_line(&self) -> String {
+        let since_epoch = self.end.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let (hierarchy, peer) = match self.upstream {
+            Some(addr) => ("HIER_DIRECT", addr.ip().to_string()),
+            None => ("HIER_NONE", "-".to_string()),
+        };
+        format!(
+            "{}.{:03} {:>6} {} {}/{:03} {} {} {} - {}/{} {}",
+            since_epoch.as_secs(),
+            since_epoch.subsec_millis(),
+            self.duration.as_millis(),
+            self.client,
+            self.squid_code(),
+            self.status,
+            self.bytes_down,
+            self.method,
+            self.url,
+            hierarchy,
+            peer,
+            media_type(self.content_type.as_deref()),
+        )
+    }
+
+    /// The line as one JSON object (no newline).
+    pub fn json_line(&self) -> String {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let value = serde_json::json!({
+            "time": humantime::format_rfc3339_millis(self.end).to_string(),
+            "duration_ms": self.duration.as_secs_f64() * 1000.0,
+            "client": self.client.to_string(),
+            "kind": self.kind.label(),
+            "method": self.method,
+            "url": self.url,
+            "host": self.host,
+            "port": self.port,
+            "status": self.status,
+            "decision": self.outcome.label(),
+            "reason": self.reason.label(),
+            "rule": self.rule,
+            "squid_code": self.squid_code(),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "upstream": self.upstream.map(|a| a.to_string()),
+            "dns_ms": ms(self.dns),
+            "connect_ms": ms(self.connect),
+            "content_type": self.content_type,
+        });
+        value.to_string()
+    }
+}
+
+/// The media type alone (`text/html` of `text/html; charset=utf-8`), so that the Squid line
+/// keeps its space-separated fields; `-` when absent.
+fn media_type(content_type: Option<&str>) -> &str {
+    let media = content_type
+        .and_then(|t| t.split(';').next())
+        .map(str::trim)
+        .unwrap_or("");
+    if media.is_empty() || media.contains(char::is_whitespace) {
+        "-"
+    } else {
+        media
+    }
+}
+
+enum Message {
+    Record(Box<Record>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The access log's sending side.
+pub struct AccessLog {
+    tx: Option<mpsc::Sender<Message>>,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    /// Starts the writer task over `out` (stdout in the binary). `Off` writes nothing.
+    pub fn start<W>(format: AccessLogFormat, out: W, dropped: IntCounter) -> AccessLog
+    where
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        if format == AccessLogFormat::Off {
+            return AccessLog { tx: None, dropped };
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write_loop(rx, BufWriter::new(out), format));
+        AccessLog {
+            tx: Some(tx),
+            dropped,
+        }
+    }
+
+    /// Queues a record; drops (and counts) it if the writer is behind.
+    pub fn log(&self, record: Record) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(Message::Record(Box::new(record))).is_err() {
+                self.dropped.inc();
+            }
+        }
+    }
+
+    /// Waits (up to `limit`) until everything queued so far is written.
+    pub async fn flush(&self, limit: Duration) {
+        if let Some(tx) = &self.tx {
+            let (done, wait) = oneshot::channel();
+            let sent = tokio::time::timeout(limit, tx.send(Message::Flush(done))).await;
+            if matches!(sent, Ok(Ok(()))) {
+                let _ = tokio::time::timeout(limit, wait).await;
+            }
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::Receiver<Message>,
+    mut out: BufWriter<W>,
+    format: AccessLogFormat,
+) {
+    let mut line = String::with_capacity(256);
+    let mut broken = false;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut waiting = Vec::new();
+        // Write everything queued, then flush once.
+        while let Some(message) = next {
+            match message {
+                Message::Record(record) => {
+                    line.clear();
+                    let text = match format {
+                        AccessLogFormat::Json => record.json_line(),
+                        _ => record.squid_line(),
+                    };
+                    let _ = writeln!(line, "{text}");
+                    if !broken {
+                        if let Err(e) = out.write_all(line.as_bytes()).await {
+                            tracing::warn!(error = %e, "access log output failed; lines are discarded from now on");
+                            broken = true;
+                        }
+                    }
+                }
+                Message::Flush(done) => waiting.push(done),
+            }
+            next = rx.try_recv().ok();
+        }
+        if !broken && out.flush().await.is_err() {
+            broken = true;
+        }
+        for done in waiting {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            end: UNIX_EPOCH + Duration::from_millis(1_733_300_000_123),
+            duration: Duration::from_millis(42),
+            client: "10.1.2.3".parse().unwrap(),
+            kind: Kind::Connect,
+            method: "CONNECT".into(),
+            url: "sts.amazonaws.com:443".into(),
+            host: Some("sts.amazonaws.com".into()),
+            port: Some(443),
+            status: 200,
+            outcome: Outcome::Allowed,
+            reason: Reason::Allowlist,
+            rule: Some("sts.amazonaws.com (AWS global default)".into()),
+            bytes_up: 517,
+            bytes_down: 4711,
+            upstream: Some("52.94.1.1:443".parse().unwrap()),
+            dns: Some(Duration::from_micros(1500)),
+            connect: Some(Duration::from_millis(3)),
+            content_type: None,
+        }
+    }
+
+    /// The Squid line matches Squid's own layout field by field.
+    #[test]
+    fn squid_line_layout() {
+        assert_eq!(
+            record().squid_line(),
+            "1733300000.123     42 10.1.2.3 TCP_TUNNEL/200 4711 CONNECT sts.amazonaws.com:443 - HIER_DIRECT/52.94.1.1 -"
+        );
+        let mut denied = record();
+        denied.kind = Kind::Http;
+        denied.outcome = Outcome::Denied;
+        denied.status = 403;
+        denied.method = "GET".into();
+        denied.url = "http://evil.com/".into();
+        denied.upstream = None;
+        denied.bytes_down = 80;
+        denied.content_type = Some("text/plain; charset=utf-8".into());
+        assert_eq!(
+            denied.squid_line(),
+            "1733300000.123     42 10.1.2.3 TCP_DENIED/403 80 GET http://evil.com/ - HIER_NONE/- text/plain"
+        );
+    }
+
+    /// The JSON line carries every documented field.
+    #[test]
+    fn json_line_fields() {
+        let value: serde_json::Value = serde_json::from_str(&record().json_line()).unwrap();
+        for field in [
+            "time",
+            "duration_ms",
+            "client",
+            "kind",
+            "method",
+            "url",
+            "host",
+            "port",
+            "status",
+            "decision",
+            "reason",
+            "rule",
+            "squid_code",
+            "bytes_up",
+            "bytes_down",
+            "upstream",
+            "dns_ms",
+            "connect_ms",
+            "content_type",
+        ] {
+            assert!(value.get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(value["decision"], "allowed");
+        assert_eq!(value["upstream"], "52.94.1.1:443");
+    }
+
+    /// A writer that never accepts bytes does not block `log`: records are dropped and counted.
+    #[tokio::test]
+    async fn full_queue_drops_and_counts() {
+        struct Stuck;
+        impl AsyncWrite for Stuck {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::task::Poll::Pending
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Pending
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Pending
+            }
+        }
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let log = AccessLog::start(AccessLogFormat::Squid, Stuck, dropped.clone());
+        for _ in 0..(QUEUE * 2 + 100) {
+            log.log(record());
+        }
+        assert!(dropped.get() >= QUEUE as u64, "dropped {}", dropped.get());
+    }
+}
