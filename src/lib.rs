@@ -28,13 +28,16 @@
 //! | [`transaction`] | one request's bookkeeping: decision, bytes, upstream, timings, then metrics and log |
 //! | [`error`] | `ProxyError` and its one mapping to responses |
 //! | [`idle`] | the activity clock behind `CUTTLE_IDLE_TIMEOUT` |
+//! | [`commands`] | the operator subcommands: `check`, `config`, `healthcheck` |
 //! | [`signals`] | SIGTERM / SIGINT |
+//! | [`reload`] | SIGHUP and file changes: rebuild the policy, swap it in atomically |
 
 #![forbid(unsafe_code)]
 
 pub mod access_log;
 pub mod allowlist;
 pub mod client_acl;
+pub mod commands;
 pub mod error;
 pub mod forward;
 pub mod guard;
@@ -45,6 +48,7 @@ pub mod metrics;
 pub mod netset;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod resolve;
 pub mod server;
 pub mod settings;

@@ -1,12 +1,15 @@
-//! The `cuttle` binary: parse the command line, load settings (exit 2 with the message), run,
-//! drain. Everything else lives in the library.
+//! The `cuttle` binary: parse the command line, load settings (exit 2 with the message), then
+//! run the proxy and drain, or run one operator command. Everything else lives in the library.
 
 use std::io::IsTerminal;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use cuttle::allowlist::EntrySource;
+use cuttle::commands;
 use cuttle::server::Server;
 use cuttle::settings::{Key, LogFormat, Settings, Sources};
 use tokio_util::sync::CancellationToken;
@@ -15,21 +18,50 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Config file (TOML); also CUTTLE_CONFIG.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     config: Option<PathBuf>,
     /// Proxy listen address (overrides CUTTLE_LISTEN).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     listen: Option<String>,
     /// Admin listen address for /metrics and /healthz (overrides CUTTLE_ADMIN_LISTEN).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     admin_listen: Option<String>,
     /// Allowlist file (overrides CUTTLE_ALLOWLIST_FILE).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     allowlist_file: Option<String>,
     /// Diagnostic log filter (overrides CUTTLE_LOG).
-    #[arg(long, value_name = "FILTER")]
+    #[arg(long, value_name = "FILTER", global = true)]
     log: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Print the decision and the rule that made it for one destination; exit 0 allowed, 1
+    /// refused. Example: cuttle check s3.us-west-2.amazonaws.com --from 10.0.3.7
+    Check {
+        /// HOST[:PORT]; the port defaults to 443 for CONNECT, 80 otherwise.
+        target: String,
+        /// CONNECT (HTTPS through HTTPS_PROXY) or a plain HTTP method such as GET.
+        #[arg(long, default_value = "CONNECT")]
+        method: String,
+        /// Client address to check against ALLOWED_CIDRS (otherwise any admitted client).
+        #[arg(long, value_name = "IP")]
+        from: Option<IpAddr>,
+    },
+    /// Print the effective settings, where each came from, and the allowlist with the source
+    /// of every entry.
+    Config,
+    /// Probe /healthz; exit 0 when it answers 200 (the image's HEALTHCHECK).
+    Healthcheck {
+        /// URL to probe (default: /healthz on the admin listener if set, else the proxy port).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 impl Cli {
@@ -54,14 +86,18 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&cli.sources()) {
+    let sources = cli.sources();
+    let settings = match Settings::load(&sources) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("cuttle: configuration error: {e}");
             return ExitCode::from(2);
         }
     };
-    init_tracing(&settings);
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Run = command {
+        init_tracing(&settings);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,10 +108,46 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(settings))
+    match command {
+        Command::Run => runtime.block_on(run(settings, sources)),
+        Command::Check {
+            target,
+            method,
+            from,
+        } => match commands::check(&settings, &target, &method, from) {
+            Ok(outcome) => {
+                println!("{}", outcome.text);
+                ExitCode::from(if outcome.allowed { 0 } else { 1 })
+            }
+            Err(e) => {
+                eprintln!("cuttle check: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Config => match commands::config(&settings) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cuttle config: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Healthcheck { url } => {
+            let url = url.unwrap_or_else(|| commands::default_health_url(&settings));
+            match runtime.block_on(commands::healthcheck(&url, Duration::from_secs(5))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cuttle healthcheck: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }
 
-async fn run(settings: Settings) -> ExitCode {
+async fn run(settings: Settings, sources: Sources) -> ExitCode {
     for warning in &settings.warnings {
         tracing::warn!("{warning}");
     }
@@ -86,7 +158,7 @@ async fn run(settings: Settings) -> ExitCode {
         .collect();
     let count =
         |f: fn(&EntrySource) -> bool| settings.allowlist.iter().filter(|e| f(&e.source)).count();
-    let sources = format!(
+    let origins = format!(
         "regional defaults {}, global defaults {}, SQUID_WHITELIST {}, allowlist file {}",
         count(|s| matches!(s, EntrySource::AwsRegion(_))),
         count(|s| matches!(s, EntrySource::AwsGlobal)),
@@ -96,13 +168,11 @@ async fn run(settings: Settings) -> ExitCode {
     let server = match Server::bind(settings).await {
         Ok(server) => server,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("cuttle: cannot start: {e}");
             return ExitCode::from(2);
         }
     };
     let shared = server.shared();
-    let policy = shared.policy.load();
     let admin = server
         .admin_addr()
         .map(|a| a.to_string())
@@ -110,15 +180,17 @@ async fn run(settings: Settings) -> ExitCode {
     tracing::info!(
         listen = %server.local_addr(),
         admin = %admin,
-        allowlist_entries = policy.allowlist().len(),
-        allowlist_sources = %sources,
+        allowlist_entries = shared.policy.load().allowlist().len(),
+        allowlist_sources = %origins,
         aws_regions = %regions.join(","),
         no_whitelist = shared.settings.no_whitelist,
         access_log = ?shared.settings.access_log,
         "cuttle listening"
     );
     let shutdown = CancellationToken::new();
-    if let Err(e) = cuttle::signals::spawn_shutdown_listener(shutdown.clone()) {
+    let signals = cuttle::signals::spawn_shutdown_listener(shutdown.clone())
+        .and_then(|()| cuttle::reload::spawn(shared, sources, shutdown.clone()));
+    if let Err(e) = signals {
         eprintln!("cuttle: cannot install signal handlers: {e}");
         return ExitCode::from(1);
     }

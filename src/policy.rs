@@ -211,6 +211,12 @@ impl Policy {
         if !self.admits(client, matches!(request, Request::Local)) {
             return Decision::Deny(Denial::ClientCidr);
         }
+        self.decide_destination(request)
+    }
+
+    /// Steps 2 to 4 alone: the decision for any admitted client (what `cuttle check` without
+    /// `--from` shows).
+    pub fn decide_destination(&self, request: Request<'_>) -> Decision<'_> {
         let (target, ports, port_denial) = match request {
             Request::Local => return Decision::Allow(Rule::Local),
             Request::Connect(t) => (t, &self.connect_ports, Denial::ConnectPort),

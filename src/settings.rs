@@ -547,6 +547,63 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The effective value of `key`, as text (for `cuttle config` and reload comparisons).
+    pub fn value_text(&self, key: Key) -> String {
+        fn join<T: fmt::Display>(items: &[T]) -> String {
+            items
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let entries = |source: fn(&EntrySource) -> bool| {
+            join(
+                &self
+                    .allowlist
+                    .iter()
+                    .filter(|e| source(&e.source))
+                    .map(|e| e.pattern.to_string())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        match key {
+            Key::Listen => self.listen.to_string(),
+            Key::AdminListen => opt(self.admin_listen.map(|a| a.to_string())),
+            Key::SquidWhitelist => entries(|s| matches!(s, EntrySource::SquidWhitelist)),
+            Key::AwsRegions => join(&self.aws_regions),
+            Key::AllowedCidrs => join(&self.allowed_cidrs),
+            Key::NoWhitelist => self.no_whitelist.to_string(),
+            Key::ShutdownLifetime => humantime::format_duration(self.shutdown_lifetime).to_string(),
+            Key::ConnectPorts => self.connect_ports.to_string(),
+            Key::HttpPorts => self.http_ports.to_string(),
+            Key::AllowlistFile => opt(self
+                .allowlist_file
+                .as_ref()
+                .map(|p| p.display().to_string())),
+            Key::HostsFile => self.hosts_file.display().to_string(),
+            Key::DnsServers => {
+                if self.dns_servers.is_empty() {
+                    "system (/etc/resolv.conf)".into()
+                } else {
+                    join(&self.dns_servers)
+                }
+            }
+            Key::UpstreamAllowCidrs => join(&self.upstream_allow_cidrs),
+            Key::UpstreamDenyCidrs => join(&self.upstream_deny_cidrs),
+            Key::ConnectTimeout => humantime::format_duration(self.connect_timeout).to_string(),
+            Key::HeaderTimeout => humantime::format_duration(self.header_timeout).to_string(),
+            Key::IdleTimeout => humantime::format_duration(self.idle_timeout).to_string(),
+            Key::MaxConnections => self.max_connections.to_string(),
+            Key::AccessLog => format!("{:?}", self.access_log).to_lowercase(),
+            Key::AccessLogHealthz => self.access_log_healthz.to_string(),
+            Key::Log => self.log.clone(),
+            Key::LogFormat => format!("{:?}", self.log_format).to_lowercase(),
+        }
+    }
+}
+
 /// Reads an allowlist file: one entry a line, `#` starts a comment, blank lines skipped. An
 /// invalid entry fails the whole file with `path:line: ...`.
 pub fn read_allowlist_file(path: &Path) -> Result<Vec<Entry>, String> {
