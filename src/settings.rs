@@ -51,11 +51,16 @@ pub enum Key {
     AccessLogHealthz,
     Log,
     LogFormat,
+    Mode,
+    SniCheck,
+    NonTlsPorts,
+    ProxyProtocol,
+    ProxyProtocolFrom,
 }
 
 impl Key {
     /// All keys, in the order `cuttle config` prints them.
-    pub const ALL: [Key; 22] = [
+    pub const ALL: [Key; 27] = [
         Key::Listen,
         Key::AdminListen,
         Key::AllowedCidrs,
@@ -78,6 +83,11 @@ impl Key {
         Key::AccessLogHealthz,
         Key::Log,
         Key::LogFormat,
+        Key::Mode,
+        Key::SniCheck,
+        Key::NonTlsPorts,
+        Key::ProxyProtocol,
+        Key::ProxyProtocolFrom,
     ];
 
     /// The key in the config file.
@@ -105,6 +115,11 @@ impl Key {
             Key::AccessLogHealthz => "access_log_healthz",
             Key::Log => "log",
             Key::LogFormat => "log_format",
+            Key::Mode => "mode",
+            Key::SniCheck => "sni_check",
+            Key::NonTlsPorts => "non_tls_ports",
+            Key::ProxyProtocol => "proxy_protocol",
+            Key::ProxyProtocolFrom => "proxy_protocol_from",
         }
     }
 
@@ -133,6 +148,11 @@ impl Key {
             Key::AccessLogHealthz => "CUTTLE_ACCESS_LOG_HEALTHZ",
             Key::Log => "CUTTLE_LOG",
             Key::LogFormat => "CUTTLE_LOG_FORMAT",
+            Key::Mode => "CUTTLE_MODE",
+            Key::SniCheck => "CUTTLE_SNI_CHECK",
+            Key::NonTlsPorts => "CUTTLE_NON_TLS_PORTS",
+            Key::ProxyProtocol => "CUTTLE_PROXY_PROTOCOL",
+            Key::ProxyProtocolFrom => "CUTTLE_PROXY_PROTOCOL_FROM",
         }
     }
 
@@ -161,6 +181,11 @@ impl Key {
             Key::AccessLogHealthz => "false",
             Key::Log => "info",
             Key::LogFormat => "text",
+            Key::Mode => "enforce",
+            Key::SniCheck => "match",
+            Key::NonTlsPorts => "",
+            Key::ProxyProtocol => "off",
+            Key::ProxyProtocolFrom => "",
         }
     }
 
@@ -247,6 +272,37 @@ pub enum AccessLogFormat {
     Squid,
     Json,
     Off,
+}
+
+/// Whether allowlist refusals are enforced or only reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Refusals are enforced.
+    Enforce,
+    /// Refusals by the allowlist are logged and counted as `would_deny` and let through; client
+    /// networks, ports and the destination address guard stay enforced.
+    Report,
+}
+
+/// What the CONNECT tunnel checks in the client's TLS ClientHello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SniCheck {
+    /// Nothing: bytes are relayed as they come.
+    Off,
+    /// The SNI must equal the CONNECT host (no domain fronting).
+    Match,
+    /// The SNI must itself be allowed by the policy.
+    Allowlist,
+}
+
+/// Whether connections start with a PROXY protocol header (v1 or v2) from a load balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    Off,
+    /// Used when present (from `CUTTLE_PROXY_PROTOCOL_FROM`), not required.
+    Optional,
+    /// Every connection must start with one, from `CUTTLE_PROXY_PROTOCOL_FROM`.
+    Required,
 }
 
 /// Output format of the diagnostic log on stderr.
@@ -364,6 +420,16 @@ pub struct Settings {
     pub log: String,
     /// Diagnostic log format.
     pub log_format: LogFormat,
+    /// Enforce, or only report, allowlist refusals.
+    pub mode: Mode,
+    /// The TLS SNI check on CONNECT tunnels.
+    pub sni_check: SniCheck,
+    /// CONNECT ports whose tunnels need not start with TLS (the SNI check is skipped there).
+    pub non_tls_ports: Option<PortSet>,
+    /// PROXY protocol on the proxy listener.
+    pub proxy_protocol: ProxyProtocol,
+    /// Peers (load balancers) trusted to send a PROXY protocol header.
+    pub proxy_protocol_from: Vec<IpNet>,
     /// Where each setting's value came from.
     pub origins: BTreeMap<Key, Origin>,
     /// Things worth a warning once logging is up (unknown `CUTTLE_*` variables).
@@ -504,6 +570,36 @@ impl Settings {
             &[("text", LogFormat::Text), ("json", LogFormat::Json)],
         )?;
 
+        let mode = parse_choice(
+            &get(Key::Mode),
+            &[("enforce", Mode::Enforce), ("report", Mode::Report)],
+        )?;
+        let sni_check = parse_choice(
+            &get(Key::SniCheck),
+            &[
+                ("off", SniCheck::Off),
+                ("match", SniCheck::Match),
+                ("allowlist", SniCheck::Allowlist),
+            ],
+        )?;
+        let non_tls_ports = optional(get(Key::NonTlsPorts), |raw| parse_ports(&raw))?;
+        let proxy_protocol_raw = get(Key::ProxyProtocol);
+        let proxy_protocol = parse_choice(
+            &proxy_protocol_raw,
+            &[
+                ("off", ProxyProtocol::Off),
+                ("optional", ProxyProtocol::Optional),
+                ("required", ProxyProtocol::Required),
+            ],
+        )?;
+        let proxy_protocol_from = parse_list(&get(Key::ProxyProtocolFrom), parse_net)?;
+        if proxy_protocol != ProxyProtocol::Off && proxy_protocol_from.is_empty() {
+            return Err(proxy_protocol_raw.invalid(format!(
+                "{:?} needs CUTTLE_PROXY_PROTOCOL_FROM (expected the load balancer CIDRs allowed to send the header, e.g. 10.0.0.0/16)",
+                proxy_protocol_raw.text
+            )));
+        }
+
         let mut allowlist = aws_defaults(&aws_regions);
         let whitelist = get(Key::SquidWhitelist);
         for item in list_items(&whitelist.text) {
@@ -541,6 +637,11 @@ impl Settings {
             access_log_healthz,
             log: log_raw.text,
             log_format,
+            mode,
+            sni_check,
+            non_tls_ports,
+            proxy_protocol,
+            proxy_protocol_from,
             origins,
             warnings: env.warnings,
         })
@@ -600,6 +701,11 @@ impl Settings {
             Key::AccessLogHealthz => self.access_log_healthz.to_string(),
             Key::Log => self.log.clone(),
             Key::LogFormat => format!("{:?}", self.log_format).to_lowercase(),
+            Key::Mode => format!("{:?}", self.mode).to_lowercase(),
+            Key::SniCheck => format!("{:?}", self.sni_check).to_lowercase(),
+            Key::NonTlsPorts => opt(self.non_tls_ports.as_ref().map(|p| p.to_string())),
+            Key::ProxyProtocol => format!("{:?}", self.proxy_protocol).to_lowercase(),
+            Key::ProxyProtocolFrom => join(&self.proxy_protocol_from),
         }
     }
 }

@@ -21,6 +21,14 @@ fn documented_config_file_holds_the_defaults() {
     })
     .unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()));
     let defaults = Settings::load(&Sources::default()).expect("defaults load");
+    for key in Key::ALL {
+        assert_eq!(
+            file.value_text(key),
+            defaults.value_text(key),
+            "{}",
+            key.file_key()
+        );
+    }
 
     assert_eq!(file.listen, defaults.listen, "listen");
     assert_eq!(file.admin_listen, defaults.admin_listen, "admin_listen");
