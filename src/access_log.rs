@@ -4,6 +4,12 @@
 //! (`%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt`) so that existing Squid log
 //! parsers read it unchanged, or one JSON object a line.
 //!
+//! In report mode a request the allowlist refuses but lets through is logged with the result
+//! code of what happened (`TCP_TUNNEL`, `TCP_MISS`) suffixed `_WOULD_DENY`, the way Squid
+//! suffixes its own variants (`TCP_MISS_ABORTED`): still one `[A-Z_]+/NNN` token for Squid log
+//! parsers, never `TCP_DENIED` (it was not refused). The JSON line says `"decision":
+//! "would_deny"`.
+//!
 //! Lines never hold up traffic: the request path hands a [`Record`] to a bounded channel and
 //! returns; one writer task formats and writes. When the channel is full (stdout cannot keep
 //! up), the record is dropped and counted in `cuttle_access_log_dropped_total`.
@@ -61,6 +67,8 @@ impl Record {
             {
                 "NONE"
             }
+            (Outcome::WouldDeny, Kind::Connect) => "TCP_TUNNEL_WOULD_DENY",
+            (Outcome::WouldDeny, _) => "TCP_MISS_WOULD_DENY",
             (_, Kind::Connect) => "TCP_TUNNEL",
             (_, Kind::Http) => "TCP_MISS",
         }
@@ -268,6 +276,27 @@ mod tests {
             denied.squid_line(),
             "1733300000.123     42 10.1.2.3 TCP_DENIED/403 80 GET http://evil.com/ - HIER_NONE/- text/plain"
         );
+    }
+
+    /// Report mode: what was let through keeps its result code, suffixed `_WOULD_DENY`, in both
+    /// formats.
+    #[test]
+    fn would_deny_lines() {
+        let mut tunnel = record();
+        tunnel.outcome = Outcome::WouldDeny;
+        tunnel.rule = None;
+        assert_eq!(
+            tunnel.squid_line(),
+            "1733300000.123     42 10.1.2.3 TCP_TUNNEL_WOULD_DENY/200 4711 CONNECT sts.amazonaws.com:443 - HIER_DIRECT/52.94.1.1 -"
+        );
+        let value: serde_json::Value = serde_json::from_str(&tunnel.json_line()).unwrap();
+        assert_eq!(value["decision"], "would_deny");
+        assert_eq!(value["reason"], "allowlist");
+        assert_eq!(value["squid_code"], "TCP_TUNNEL_WOULD_DENY");
+        let mut http = tunnel.clone();
+        http.kind = Kind::Http;
+        http.method = "GET".into();
+        assert_eq!(http.squid_code(), "TCP_MISS_WOULD_DENY");
     }
 
     /// The JSON line carries every documented field.

@@ -39,16 +39,24 @@ pub enum EntrySource {
     SquidWhitelist,
     /// A line of `CUTTLE_ALLOWLIST_FILE` (1-based).
     AllowlistFile { path: PathBuf, line: usize },
+    /// The `allow` list of `[[client_rules]]` number `index` (0-based) of the config file,
+    /// which applies only to that rule's client networks.
+    ClientRule { name: Option<String>, index: usize },
 }
 
 impl fmt::Display for EntrySource {
-    /// `AWS_REGIONS=us-west-2`, `AWS global default`, `SQUID_WHITELIST`, `/etc/cuttle/allow:12`.
+    /// `AWS_REGIONS=us-west-2`, `AWS global default`, `SQUID_WHITELIST`, `/etc/cuttle/allow:12`,
+    /// `client rule "build subnet"` (`client_rules[0]` when the rule has no name).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EntrySource::AwsRegion(region) => write!(f, "AWS_REGIONS={region}"),
             EntrySource::AwsGlobal => f.write_str("AWS global default"),
             EntrySource::SquidWhitelist => f.write_str("SQUID_WHITELIST"),
             EntrySource::AllowlistFile { path, line } => write!(f, "{}:{line}", path.display()),
+            EntrySource::ClientRule {
+                name: Some(name), ..
+            } => write!(f, "client rule {name:?}"),
+            EntrySource::ClientRule { name: None, index } => write!(f, "client_rules[{index}]"),
         }
     }
 }

@@ -1,7 +1,10 @@
-//! The operator subcommands: `cuttle check`, `cuttle config`, `cuttle healthcheck`. Each reads
-//! the same settings sources as the server and returns its text and outcome; `main` prints.
+//! The operator subcommands: `cuttle check`, `cuttle config`, `cuttle healthcheck` (each reads
+//! the same settings sources as the server) and `cuttle report` (reads an access log). Each
+//! returns its text and outcome; `main` prints.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -13,7 +16,7 @@ use crate::client_acl::ClientAddr;
 use crate::guard::AddressGuard;
 use crate::host::Host;
 use crate::policy::{Decision, Policy, Request, Target};
-use crate::settings::{Key, Origin, Settings};
+use crate::settings::{Key, Mode, Origin, Settings};
 
 /// The verdict of `cuttle check`: the text to print and whether the request is allowed.
 pub struct CheckOutcome {
@@ -88,8 +91,22 @@ pub fn check(
             false
         }
     };
+    if !allowed
+        && settings.mode == Mode::Report
+        && matches!(decision, Decision::Deny(d) if d.reportable())
+    {
+        text.push_str(
+            "\n(CUTTLE_MODE=report: the proxy lets this request through and logs it as would_deny)",
+        );
+    }
     if from.is_none() {
-        text.push_str("\n(client not checked: add --from IP to check ALLOWED_CIDRS too)");
+        if settings.client_rules.is_empty() {
+            text.push_str("\n(client not checked: add --from IP to check ALLOWED_CIDRS too)");
+        } else {
+            text.push_str(
+                "\n(client not checked: add --from IP to check ALLOWED_CIDRS and the client rules too)",
+            );
+        }
     }
     Ok(CheckOutcome { text, allowed })
 }
@@ -137,7 +154,88 @@ pub fn config(settings: &Settings) -> Result<String, String> {
             let _ = writeln!(out, "{:<44} {}", entry.pattern.to_string(), entry.source);
         }
     }
+    if !settings.client_rules.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n# Client rules: {} (consulted when the allowlist has no entry, for clients in the rule's networks)",
+            settings.client_rules.len()
+        );
+    }
+    for (index, rule) in settings.client_rules.iter().enumerate() {
+        let cidrs: Vec<String> = rule.cidrs.iter().map(ToString::to_string).collect();
+        let name = match &rule.name {
+            Some(name) => format!("{name:?}"),
+            None => format!("client_rules[{index}]"),
+        };
+        let _ = writeln!(out, "## {name}: clients in {}", cidrs.join(","));
+        for entry in &rule.entries {
+            let _ = writeln!(out, "{:<44} {}", entry.pattern.to_string(), entry.source);
+        }
+    }
     Ok(out)
+}
+
+/// `cuttle report`: the hosts of the access log lines marked would-deny (report mode let them
+/// through, the allowlist would have refused them), sorted and de-duplicated, one a line, ready
+/// for the allowlist file. `counts` prefixes each with its number of requests. Lines in either
+/// format (Squid or JSON, told apart line by line) are read; other lines are skipped.
+pub fn report(input: impl BufRead, counts: bool) -> std::io::Result<String> {
+    let mut hosts: BTreeMap<String, u64> = BTreeMap::new();
+    for line in input.split(b'\n') {
+        let line = line?;
+        if let Some(host) = would_deny_host(&String::from_utf8_lossy(&line)) {
+            *hosts.entry(host).or_default() += 1;
+        }
+    }
+    let width = hosts.values().max().map_or(0, |n| n.to_string().len());
+    let mut out = String::new();
+    for (host, n) in &hosts {
+        if counts {
+            let _ = writeln!(out, "{n:>width$} {host}");
+        } else {
+            let _ = writeln!(out, "{host}");
+        }
+    }
+    Ok(out)
+}
+
+/// The host of one access log line if it is a would-deny line: JSON with `"decision":
+/// "would_deny"`, or Squid format with a result code ending in `_WOULD_DENY`. The host is
+/// normalised as the proxy judged it (IPv6 in brackets, which the allowlist file accepts).
+pub fn would_deny_host(line: &str) -> Option<String> {
+    let line = line.trim();
+    if line.starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        if value.get("decision")?.as_str()? != "would_deny" {
+            return None;
+        }
+        if let Some(host) = value.get("host").and_then(|h| h.as_str()) {
+            return Host::parse(host).ok().map(|h| h.to_string());
+        }
+        let method = value.get("method")?.as_str()?;
+        return url_host(method, value.get("url")?.as_str()?);
+    }
+    // `time elapsed client code/status bytes method url - hierarchy/peer type`
+    let mut fields = line.split_whitespace();
+    let (code, _status) = fields.nth(3)?.split_once('/')?;
+    if !code.ends_with("_WOULD_DENY") {
+        return None;
+    }
+    let method = fields.nth(1)?;
+    url_host(method, fields.next()?)
+}
+
+/// The host of a logged URL: `host:port` for CONNECT, `http://host[:port]/path` otherwise.
+fn url_host(method: &str, url: &str) -> Option<String> {
+    let (authority, default_port) = if method.eq_ignore_ascii_case("CONNECT") {
+        (url, 443)
+    } else {
+        let rest = url.split_once("://")?.1;
+        (rest.split(['/', '?', '#']).next()?, 80)
+    };
+    Target::parse_authority(authority, Some(default_port))
+        .ok()
+        .map(|t| t.host.to_string())
 }
 
 /// The URL `cuttle healthcheck` probes by default: `/healthz` on the admin listener if set,
@@ -291,6 +389,123 @@ mod tests {
         for key in Key::ALL {
             assert!(text.contains(key.env_name()), "missing {key:?}");
         }
+    }
+
+    /// `check --from` applies the client's rules and names the rule; `config` lists each rule
+    /// with its networks after the allowlist; report mode is mentioned on a refusal.
+    #[test]
+    fn client_rules_in_check_and_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cuttle.toml");
+        std::fs::write(
+            &path,
+            "mode = \"report\"\n[[client_rules]]\nname = \"build subnet\"\ncidrs = [\"10.20.0.0/16\"]\nallow = [\".github.com\"]\n",
+        )
+        .unwrap();
+        let s = settings(&[("CUTTLE_CONFIG", path.to_str().unwrap())]);
+        let from = |ip: &str| Some(ip.parse().unwrap());
+        let inside = check(&s, "api.github.com", "CONNECT", from("10.20.0.9")).unwrap();
+        assert!(inside.allowed, "{}", inside.text);
+        assert!(
+            inside
+                .text
+                .contains("allowed by .github.com (client rule \"build subnet\")"),
+            "{}",
+            inside.text
+        );
+        let outside = check(&s, "api.github.com", "CONNECT", from("10.30.0.9")).unwrap();
+        assert!(!outside.allowed, "{}", outside.text);
+        assert!(
+            outside.text.contains("refused (allowlist)")
+                && outside.text.contains("CUTTLE_MODE=report"),
+            "{}",
+            outside.text
+        );
+        let anyone = check(&s, "api.github.com", "CONNECT", None).unwrap();
+        assert!(!anyone.allowed, "{}", anyone.text);
+        assert!(anyone.text.contains("client rules"), "{}", anyone.text);
+
+        let text = config(&s).unwrap();
+        let rules = text.find("# Client rules: 1").expect(&text);
+        assert!(text.find("# Allowlist:").expect(&text) < rules, "{text}");
+        for needle in [
+            "## \"build subnet\": clients in 10.20.0.0/16",
+            ".github.com",
+            "client rule \"build subnet\"",
+        ] {
+            assert!(
+                text[rules..].contains(needle),
+                "missing {needle:?}:\n{text}"
+            );
+        }
+    }
+
+    /// The report reads would-deny lines of both formats and nothing else, normalising hosts.
+    #[test]
+    fn would_deny_hosts_of_log_lines() {
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "1733300000.123     42 10.1.2.3 TCP_TUNNEL_WOULD_DENY/200 4711 CONNECT github.com:443 - HIER_DIRECT/140.82.1.1 -",
+                Some("github.com"),
+            ),
+            (
+                "1733300000.123      5 10.1.2.3 TCP_MISS_WOULD_DENY/404 12 GET http://Files.Example.com.:8080/a/b - HIER_DIRECT/1.2.3.4 text/plain",
+                Some("files.example.com"),
+            ),
+            (
+                "1733300000.123      5 10.1.2.3 TCP_MISS_WOULD_DENY/200 12 GET http://[2001:db8::1]/x - HIER_DIRECT/2001:db8::1 -",
+                Some("[2001:db8::1]"),
+            ),
+            (
+                "1733300000.123     42 10.1.2.3 TCP_TUNNEL/200 4711 CONNECT sts.amazonaws.com:443 - HIER_DIRECT/52.94.1.1 -",
+                None,
+            ),
+            (
+                "1733300000.123      1 10.1.2.3 TCP_DENIED/403 80 CONNECT evil.com:443 - HIER_NONE/- text/plain",
+                None,
+            ),
+            (
+                r#"{"decision":"would_deny","reason":"allowlist","method":"CONNECT","url":"pypi.org:443","host":"pypi.org","port":443}"#,
+                Some("pypi.org"),
+            ),
+            (
+                r#"{"decision":"would_deny","method":"GET","url":"http://a.example.org:81/"}"#,
+                Some("a.example.org"),
+            ),
+            (
+                r#"{"decision":"denied","reason":"allowlist","method":"CONNECT","url":"evil.com:443","host":"evil.com"}"#,
+                None,
+            ),
+            (r#"{"decision":"would_deny""#, None),
+            ("", None),
+            ("2024-12-04T10:00:00Z INFO cuttle listening", None),
+            ("TCP_MISS_WOULD_DENY/200", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(would_deny_host(line).as_deref(), *want, "{line}");
+        }
+    }
+
+    /// Hosts come out sorted and once each; `--counts` prefixes the number of requests.
+    #[test]
+    fn report_sorts_dedups_and_counts() {
+        let log = [
+            "1 1 10.0.0.1 TCP_TUNNEL_WOULD_DENY/200 0 CONNECT pypi.org:443 - HIER_DIRECT/1.1.1.1 -",
+            r#"{"decision":"would_deny","method":"CONNECT","url":"github.com:443","host":"github.com"}"#,
+            "not a log line",
+            "1 1 10.0.0.2 TCP_TUNNEL_WOULD_DENY/200 0 CONNECT pypi.org:443 - HIER_DIRECT/1.1.1.1 -",
+            "1 1 10.0.0.1 TCP_TUNNEL/200 0 CONNECT sts.amazonaws.com:443 - HIER_DIRECT/1.1.1.1 -",
+        ]
+        .join("\n");
+        assert_eq!(
+            report(log.as_bytes(), false).unwrap(),
+            "github.com\npypi.org\n"
+        );
+        assert_eq!(
+            report(log.as_bytes(), true).unwrap(),
+            "1 github.com\n2 pypi.org\n"
+        );
+        assert_eq!(report(&b""[..], false).unwrap(), "");
     }
 
     #[test]

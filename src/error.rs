@@ -53,6 +53,12 @@ pub enum ProxyError {
     /// The upstream failed after the connection was made.
     #[error("upstream {target} failed: {detail}")]
     Upstream { target: String, detail: String },
+    /// The tunnel's TLS ClientHello failed the SNI check. The `200` was already sent: the
+    /// tunnel is closed, and this is only recorded (logged as 403).
+    #[error(
+        "access denied: tunnel to {target} refused by the SNI check (CUTTLE_SNI_CHECK): {detail}"
+    )]
+    SniRefused { target: String, detail: String },
 }
 
 impl ProxyError {
@@ -67,6 +73,7 @@ impl ProxyError {
             ProxyError::ConnectFailed { .. } => Reason::ConnectFailed,
             ProxyError::ConnectTimeout { .. } => Reason::ConnectTimeout,
             ProxyError::Upstream { .. } => Reason::UpstreamFailed,
+            ProxyError::SniRefused { .. } => Reason::Sni,
         }
     }
 
@@ -74,17 +81,20 @@ impl ProxyError {
     pub fn is_denial(&self) -> bool {
         matches!(
             self,
-            ProxyError::Denied { .. } | ProxyError::AddressRefused { .. }
+            ProxyError::Denied { .. }
+                | ProxyError::AddressRefused { .. }
+                | ProxyError::SniRefused { .. }
         )
     }
 
     /// The status and Squid error name of this error.
     pub fn status(&self) -> (StatusCode, &'static str, i32) {
         match self {
-            // Refused by policy or by the destination address guard.
-            ProxyError::Denied { .. } | ProxyError::AddressRefused { .. } => {
-                (StatusCode::FORBIDDEN, "ERR_ACCESS_DENIED", 0)
-            }
+            // Refused by policy, by the destination address guard, or (recorded only, the
+            // tunnel is closed) by the SNI check.
+            ProxyError::Denied { .. }
+            | ProxyError::AddressRefused { .. }
+            | ProxyError::SniRefused { .. } => (StatusCode::FORBIDDEN, "ERR_ACCESS_DENIED", 0),
             // Malformed request or a target the proxy cannot understand.
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "ERR_INVALID_REQ", 0),
             // TRACE and friends: refused whatever the destination.

@@ -63,6 +63,11 @@ impl<T> ActivityIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
         ActivityIo { inner, activity }
     }
+
+    /// The wrapped stream (the tunnel relay stamps the clock itself).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {

@@ -19,8 +19,11 @@
 //! | [`policy`] | request targets and the decision over (client, request) |
 //! | [`resolve`] | hosts file, async DNS with cache, dialling guarded addresses only |
 //! | [`server`] | listeners, accept loop, connection limit, per-connection tasks, drain |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted load balancers: the real client address |
 //! | [`proxy`] | the request path: classify, decide, then tunnel / forward / local |
 //! | [`tunnel`] | `CONNECT` |
+//! | [`sni`] | the TLS SNI check on tunnels: ClientHello `server_name` against the CONNECT host or the allowlist |
+//! | [`copy`] | tunnel byte relay: splice(2) through lazily created pipes on Linux |
 //! | [`forward`] | plain HTTP forwarding over a pooled client |
 //! | [`local`] | `/healthz`, `/metrics` |
 //! | [`metrics`] | the Prometheus registry, typed handles, closed label enums |
@@ -38,6 +41,7 @@ pub mod access_log;
 pub mod allowlist;
 pub mod client_acl;
 pub mod commands;
+pub mod copy;
 pub mod error;
 pub mod forward;
 pub mod guard;
@@ -48,10 +52,12 @@ pub mod metrics;
 pub mod netset;
 pub mod policy;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod resolve;
 pub mod server;
 pub mod settings;
 pub mod signals;
+pub mod sni;
 pub mod transaction;
 pub mod tunnel;

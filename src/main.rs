@@ -1,9 +1,9 @@
 //! The `cuttle` binary: parse the command line, load settings (exit 2 with the message), then
 //! run the proxy and drain, or run one operator command. Everything else lives in the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -62,6 +62,17 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Read an access log (Squid or JSON lines) and print the hosts that report mode let
+    /// through but the allowlist would have refused: sorted, one a line, ready for the
+    /// allowlist file. Example: cuttle report access.log >> allowlist
+    Report {
+        /// Access log file; standard input when absent or `-`.
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Prefix each host with its number of requests.
+        #[arg(long)]
+        counts: bool,
+    },
 }
 
 impl Cli {
@@ -86,6 +97,10 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `report` reads a log, not the configuration.
+    if let Some(Command::Report { file, counts }) = &cli.command {
+        return report(file.as_deref(), *counts);
+    }
     let sources = cli.sources();
     let settings = match Settings::load(&sources) {
         Ok(settings) => settings,
@@ -143,6 +158,32 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Report { file, counts } => report(file.as_deref(), counts),
+    }
+}
+
+/// `cuttle report [FILE] [--counts]`: exit 0 with the list, 2 when the log cannot be read.
+fn report(file: Option<&Path>, counts: bool) -> ExitCode {
+    let result = match file.filter(|f| *f != Path::new("-")) {
+        Some(path) => std::fs::File::open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|f| {
+                commands::report(std::io::BufReader::new(f), counts)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            }),
+        None => commands::report(std::io::stdin().lock(), counts)
+            .map_err(|e| format!("standard input: {e}")),
+    };
+    match result {
+        Ok(text) => {
+            // A closed pipe (`cuttle report log | head`) is not an error.
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cuttle report: {e}");
+            ExitCode::from(2)
         }
     }
 }

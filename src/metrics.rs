@@ -41,16 +41,24 @@ pub enum Outcome {
     Denied,
     /// Failed: bad request, DNS, connect, upstream.
     Error,
+    /// Refused by the allowlist but let through and served, because `CUTTLE_MODE=report`.
+    WouldDeny,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 3] = [Outcome::Allowed, Outcome::Denied, Outcome::Error];
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Allowed,
+        Outcome::Denied,
+        Outcome::Error,
+        Outcome::WouldDeny,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "denied",
             Outcome::Error => "error",
+            Outcome::WouldDeny => "would_deny",
         }
     }
 }
@@ -76,10 +84,12 @@ pub enum Reason {
     ConnectFailed,
     ConnectTimeout,
     UpstreamFailed,
+    /// The tunnel's TLS ClientHello failed the SNI check (`CUTTLE_SNI_CHECK`).
+    Sni,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Allowlist,
         Reason::NoWhitelist,
         Reason::Local,
@@ -92,6 +102,7 @@ impl Reason {
         Reason::ConnectFailed,
         Reason::ConnectTimeout,
         Reason::UpstreamFailed,
+        Reason::Sni,
     ];
 
     pub fn label(self) -> &'static str {
@@ -108,15 +119,18 @@ impl Reason {
             Reason::ConnectFailed => "connect_failed",
             Reason::ConnectTimeout => "connect_timeout",
             Reason::UpstreamFailed => "upstream_failed",
+            Reason::Sni => "sni",
         }
     }
 
     /// The outcome a reason belongs to when it ends a request, for the pairs that can occur.
     fn outcomes(self) -> &'static [Outcome] {
         match self {
-            Reason::Allowlist => &[Outcome::Allowed, Outcome::Denied],
+            Reason::Allowlist => &[Outcome::Allowed, Outcome::Denied, Outcome::WouldDeny],
             Reason::NoWhitelist | Reason::Local => &[Outcome::Allowed],
-            Reason::ClientCidr | Reason::Port | Reason::UpstreamAddress => &[Outcome::Denied],
+            Reason::ClientCidr | Reason::Port | Reason::UpstreamAddress | Reason::Sni => {
+                &[Outcome::Denied]
+            }
             _ => &[Outcome::Error],
         }
     }
@@ -142,6 +156,33 @@ pub enum Direction {
     UpstreamToClient,
 }
 
+/// Why a connection was closed for its PROXY protocol header (`CUTTLE_PROXY_PROTOCOL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyProtocolRejection {
+    /// A header from a peer outside `CUTTLE_PROXY_PROTOCOL_FROM`.
+    Untrusted,
+    /// A header that cannot be parsed, or that did not arrive whole in time.
+    Malformed,
+    /// No header in `required` mode.
+    Missing,
+}
+
+impl ProxyProtocolRejection {
+    pub const ALL: [ProxyProtocolRejection; 3] = [
+        ProxyProtocolRejection::Untrusted,
+        ProxyProtocolRejection::Malformed,
+        ProxyProtocolRejection::Missing,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ProxyProtocolRejection::Untrusted => "untrusted",
+            ProxyProtocolRejection::Malformed => "malformed",
+            ProxyProtocolRejection::Missing => "missing",
+        }
+    }
+}
+
 /// Result of a config reload.
 #[derive(Clone, Copy, Debug)]
 pub enum ReloadResult {
@@ -165,6 +206,8 @@ pub struct Metrics {
     pub allowlist_entries: IntGauge,
     reloads: IntCounterVec,
     pub access_log_dropped: IntCounter,
+    /// By [`ProxyProtocolRejection`], in the order of `ProxyProtocolRejection::ALL`.
+    proxy_protocol_rejections: [IntCounter; 3],
 }
 
 impl Metrics {
@@ -238,6 +281,16 @@ impl Metrics {
             "Access log lines dropped because stdout could not keep up.",
         )
         .expect("valid metric");
+        let proxy_protocol_rejected_vec = IntCounterVec::new(
+            Opts::new(
+                "cuttle_proxy_protocol_rejected_total",
+                "Connections closed for their PROXY protocol header, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let proxy_protocol_rejections = ProxyProtocolRejection::ALL
+            .map(|reason| proxy_protocol_rejected_vec.with_label_values(&[reason.label()]));
         let build_info = IntGaugeVec::new(
             Opts::new("cuttle_build_info", "Build information; always 1."),
             &["version"],
@@ -275,6 +328,7 @@ impl Metrics {
             Box::new(allowlist_entries.clone()),
             Box::new(reloads.clone()),
             Box::new(access_log_dropped.clone()),
+            Box::new(proxy_protocol_rejected_vec),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -298,7 +352,18 @@ impl Metrics {
             allowlist_entries,
             reloads,
             access_log_dropped,
+            proxy_protocol_rejections,
         }
+    }
+
+    /// Counts a connection closed for its PROXY protocol header.
+    pub fn proxy_protocol_rejected(&self, reason: ProxyProtocolRejection) {
+        let index = match reason {
+            ProxyProtocolRejection::Untrusted => 0,
+            ProxyProtocolRejection::Malformed => 1,
+            ProxyProtocolRejection::Missing => 2,
+        };
+        self.proxy_protocol_rejections[index].inc();
     }
 
     /// Counts one finished request.
@@ -363,6 +428,8 @@ mod tests {
         for needle in [
             "cuttle_requests_total{decision=\"denied\",kind=\"http\",reason=\"allowlist\"} 1",
             "cuttle_requests_total{decision=\"allowed\",kind=\"connect\",reason=\"allowlist\"} 0",
+            "cuttle_requests_total{decision=\"would_deny\",kind=\"connect\",reason=\"allowlist\"} 0",
+            "cuttle_requests_total{decision=\"would_deny\",kind=\"http\",reason=\"allowlist\"} 0",
             "cuttle_connections_active 0",
             "cuttle_tunnels_active 0",
             "cuttle_connections_total 0",
@@ -374,6 +441,9 @@ mod tests {
             "cuttle_allowlist_entries 0",
             "cuttle_config_reloads_total{result=\"failure\"} 0",
             "cuttle_access_log_dropped_total 0",
+            "cuttle_proxy_protocol_rejected_total{reason=\"untrusted\"} 0",
+            "cuttle_proxy_protocol_rejected_total{reason=\"missing\"} 0",
+            "cuttle_requests_total{decision=\"denied\",kind=\"connect\",reason=\"sni\"} 0",
             "cuttle_build_info{version=",
             "process_resident_memory_bytes",
         ] {

@@ -6,7 +6,12 @@
 //! 3. `CONNECT`: the port must be a CONNECT port, the host allowed;
 //! 4. other methods: the port must be a plain HTTP port, the host allowed.
 //!
+//! A host is allowed by the allowlist, or else by an entry of a per-client rule
+//! (`[[client_rules]]`) whose networks contain the client.
+//!
 //! What happens after resolution (the destination address guard) lives in [`crate::guard`].
+//! Report mode (`CUTTLE_MODE=report`) is not a decision: the policy decides the same way in both
+//! modes, and the request path lets through the refusals that [`Denial::reportable`] names.
 
 use std::fmt;
 
@@ -14,7 +19,8 @@ use crate::allowlist::{Allowlist, Entry, EntryError};
 use crate::client_acl::{ClientAcl, ClientAddr};
 use crate::host::{Host, HostError};
 use crate::metrics::Reason;
-use crate::settings::{PortSet, Settings};
+use crate::netset::NetSet;
+use crate::settings::{ClientRule, PortSet, Settings};
 
 /// Where a request goes: a normalised host and a port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -49,6 +55,10 @@ impl Target {
         }
         let (host, port) = split_host_port(authority);
         let port = match port {
+            // Digits only: `u16::from_str` would also take `+443`.
+            Some(p) if !p.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(TargetError::BadPort(authority.to_string()))
+            }
             Some(p) => match p.parse::<u16>() {
                 Ok(p) if p != 0 => p,
                 _ => return Err(TargetError::BadPort(authority.to_string())),
@@ -135,6 +145,13 @@ pub enum Denial {
 }
 
 impl Denial {
+    /// True for the refusals that report mode lets through: the allowlist's alone. Client
+    /// networks, ports (and, after resolution, the destination address guard) are enforced in
+    /// both modes, so report mode never opens the proxy to outsiders or the metadata service.
+    pub fn reportable(self) -> bool {
+        matches!(self, Denial::Allowlist)
+    }
+
     /// The fixed metric reason of this refusal.
     pub fn reason(self) -> Reason {
         match self {
@@ -178,6 +195,7 @@ pub enum Decision<'p> {
 pub struct Policy {
     clients: ClientAcl,
     allowlist: Allowlist,
+    client_rules: ClientRules,
     no_whitelist: bool,
     connect_ports: PortSet,
     http_ports: PortSet,
@@ -189,6 +207,7 @@ impl Policy {
         Ok(Policy {
             clients: ClientAcl::new(&settings.allowed_cidrs),
             allowlist: Allowlist::new(settings.allowlist.clone())?,
+            client_rules: ClientRules::new(&settings.client_rules)?,
             no_whitelist: settings.no_whitelist,
             connect_ports: settings.connect_ports.clone(),
             http_ports: settings.http_ports.clone(),
@@ -211,11 +230,21 @@ impl Policy {
         if !self.admits(client, matches!(request, Request::Local)) {
             return Decision::Deny(Denial::ClientCidr);
         }
-        self.decide_destination(request)
+        match (self.decide_destination(request), request) {
+            // The allowlist has no entry: the client's own rules may have one.
+            (
+                Decision::Deny(Denial::Allowlist),
+                Request::Connect(target) | Request::Http(target),
+            ) => match self.client_rules.find(client, &target.host) {
+                Some(entry) => Decision::Allow(Rule::Entry(entry)),
+                None => Decision::Deny(Denial::Allowlist),
+            },
+            (decision, _) => decision,
+        }
     }
 
-    /// Steps 2 to 4 alone: the decision for any admitted client (what `cuttle check` without
-    /// `--from` shows).
+    /// Steps 2 to 4 alone: the decision for any admitted client by the allowlist, without the
+    /// per-client rules (what `cuttle check` without `--from` shows).
     pub fn decide_destination(&self, request: Request<'_>) -> Decision<'_> {
         let (target, ports, port_denial) = match request {
             Request::Local => return Decision::Allow(Rule::Local),
@@ -232,6 +261,53 @@ impl Policy {
             Some(entry) => Decision::Allow(Rule::Entry(entry)),
             None => Decision::Deny(Denial::Allowlist),
         }
+    }
+}
+
+/// The per-client rules, compiled: one allowlist per rule, and a longest-prefix map from the
+/// rules' networks to the rules that apply there.
+#[derive(Debug, Default)]
+struct ClientRules {
+    /// Each rule's entries, compiled, in file order.
+    allowlists: Vec<Allowlist>,
+    /// Each network of each rule -> every rule (index, ascending) with a network containing it.
+    /// The most specific network holding a client thus lists every rule that applies to the
+    /// client (any network containing the client contains that one too): one lookup, then only
+    /// those rules' allowlists are consulted.
+    nets: NetSet<Vec<usize>>,
+}
+
+impl ClientRules {
+    fn new(rules: &[ClientRule]) -> Result<ClientRules, EntryError> {
+        let allowlists = rules
+            .iter()
+            .map(|rule| Allowlist::new(rule.entries.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nets: Vec<(ipnet::IpNet, usize)> = rules
+            .iter()
+            .enumerate()
+            .flat_map(|(i, rule)| rule.cidrs.iter().map(move |net| (net.trunc(), i)))
+            .collect();
+        let mut set = NetSet::new();
+        for (net, _) in &nets {
+            let mut applying: Vec<usize> = nets
+                .iter()
+                .filter(|(outer, _)| outer.contains(net))
+                .map(|(_, i)| *i)
+                .collect();
+            applying.dedup();
+            set.insert(*net, applying);
+        }
+        Ok(ClientRules {
+            allowlists,
+            nets: set,
+        })
+    }
+
+    /// The first entry, in rule order, that allows `host` to `client`.
+    fn find(&self, client: ClientAddr, host: &Host) -> Option<&Entry> {
+        let (_, rules) = self.nets.longest_match(client.ip())?;
+        rules.iter().find_map(|&i| self.allowlists[i].find(host))
     }
 }
 
@@ -394,6 +470,114 @@ mod tests {
         );
     }
 
+    /// A client rule allows its entries to clients in its networks only, after the allowlist
+    /// missed; nested and overlapping rules all apply, the first in file order wins.
+    #[test]
+    fn client_rules_apply_to_their_networks() {
+        let settings = Settings::load(&Sources::from_env([("SQUID_WHITELIST", ".example.com")]));
+        let mut settings = settings.unwrap();
+        let rule = |name: &str, cidrs: &[&str], allow: &[&str]| ClientRule {
+            name: Some(name.into()),
+            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            entries: allow
+                .iter()
+                .map(|a| Entry {
+                    pattern: a.parse().unwrap(),
+                    source: crate::allowlist::EntrySource::ClientRule {
+                        name: Some(name.into()),
+                        index: 0,
+                    },
+                })
+                .collect(),
+        };
+        settings.client_rules = vec![
+            rule("build", &["10.20.0.0/16"], &[".github.com", "pypi.org"]),
+            rule(
+                "one host",
+                &["10.20.1.7/32", "::1/128"],
+                &["pypi.org", "a.test"],
+            ),
+            rule("wide", &["10.0.0.0/8"], &["b.test"]),
+        ];
+        let p = Policy::new(&settings).unwrap();
+        let cases: &[(&str, &str, Result<&str, Denial>)] = &[
+            (
+                "10.20.3.4",
+                "api.github.com:443",
+                Ok(".github.com (client rule \"build\")"),
+            ),
+            (
+                "10.20.3.4",
+                "pypi.org:443",
+                Ok("pypi.org (client rule \"build\")"),
+            ),
+            (
+                "10.20.1.7",
+                "pypi.org:443",
+                Ok("pypi.org (client rule \"build\")"),
+            ),
+            (
+                "10.20.1.7",
+                "a.test:443",
+                Ok("a.test (client rule \"one host\")"),
+            ),
+            (
+                "10.20.1.7",
+                "b.test:443",
+                Ok("b.test (client rule \"wide\")"),
+            ),
+            ("10.20.1.8", "a.test:443", Err(Denial::Allowlist)),
+            ("10.21.0.1", "api.github.com:443", Err(Denial::Allowlist)),
+            (
+                "10.21.0.1",
+                "b.test:443",
+                Ok("b.test (client rule \"wide\")"),
+            ),
+            (
+                "::ffff:10.20.3.4",
+                "pypi.org:443",
+                Ok("pypi.org (client rule \"build\")"),
+            ),
+            ("::1", "a.test:443", Ok("a.test (client rule \"one host\")")),
+            ("192.168.1.1", "pypi.org:443", Err(Denial::Allowlist)),
+            // The allowlist comes first; ports and client networks still apply.
+            (
+                "10.20.3.4",
+                "www.example.com:443",
+                Ok(".example.com (SQUID_WHITELIST)"),
+            ),
+            ("10.20.3.4", "api.github.com:8443", Err(Denial::ConnectPort)),
+            ("8.8.8.8", "api.github.com:443", Err(Denial::ClientCidr)),
+        ];
+        for (ip, t, want) in cases {
+            let t = target(t);
+            let got = match p.decide(client(ip), Request::Connect(&t)) {
+                Decision::Allow(rule) => Ok(rule.to_string()),
+                Decision::Deny(d) => Err(d),
+            };
+            assert_eq!(got, want.map(str::to_string), "{ip} {t}");
+        }
+        // Without a client, only the allowlist decides.
+        let t = target("pypi.org:443");
+        assert_eq!(
+            p.decide_destination(Request::Connect(&t)),
+            Decision::Deny(Denial::Allowlist)
+        );
+    }
+
+    /// Report mode lets through the allowlist's refusals only.
+    #[test]
+    fn only_allowlist_refusals_are_reportable() {
+        for (denial, reportable) in [
+            (Denial::Allowlist, true),
+            (Denial::ClientCidr, false),
+            (Denial::ConnectPort, false),
+            (Denial::HttpPort, false),
+        ] {
+            assert_eq!(denial.reportable(), reportable, "{denial:?}");
+        }
+    }
+
     /// IP-literal destinations need an IP/CIDR entry.
     #[test]
     fn ip_literals_need_a_net_entry() {
@@ -431,6 +615,9 @@ mod tests {
             ("example.com:0", None),
             ("example.com:99999", None),
             ("example.com:x", None),
+            ("example.com:+443", None),
+            ("example.com:-1", None),
+            ("example.com: 443", None),
             ("a@example.com:443", None),
             ("sts.amazonaws.com@evil.com", Some(80)),
             (":443", None),

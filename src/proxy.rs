@@ -15,6 +15,7 @@ use hyper::body::{Body as _, Incoming};
 use crate::error::ProxyError;
 use crate::policy::{Decision, Request as PolicyRequest, Target};
 use crate::server::Conn;
+use crate::settings::Mode;
 use crate::transaction::{CountedBody, Transaction};
 use crate::{forward, local, tunnel};
 
@@ -104,6 +105,15 @@ async fn route(
     }
     match policy.decide(conn.client, policy_request) {
         Decision::Allow(rule) => tx.allowed(rule),
+        // Report mode: an allowlist refusal is logged and counted, then served; the address
+        // guard still judges where it goes.
+        Decision::Deny(denial)
+            if conn.shared.settings.mode == Mode::Report && denial.reportable() =>
+        {
+            let target = target.map_or_else(String::new, Target::to_string);
+            tracing::debug!(client = %conn.client, %target, "refused by allowlist, let through in report mode");
+            tx.would_deny();
+        }
         Decision::Deny(denial) => {
             let message = denial.explain(conn.client, target);
             return Err(ProxyError::Denied { denial, message });
@@ -131,11 +141,25 @@ fn log_url<B>(req: &Request<B>) -> String {
 
 /// Sorts a request into CONNECT, absolute-form HTTP, or a local request, refusing what a
 /// forward proxy should not accept.
+///
+/// hyper has already refused what cannot be framed (conflicting or malformed
+/// `Content-Length`, a `Transfer-Encoding` whose last coding is not `chunked`, obsolete line
+/// folding, oversized heads) and dropped `Content-Length` when `Transfer-Encoding` is present
+/// (RFC 9112 §6.3; it also closes the connection after the response). What is left to refuse
+/// here is what hyper accepts but cuttle cannot pass on faithfully.
 fn classify<B>(req: &Request<B>) -> Result<Kind, ProxyError> {
     let uri = req.uri();
+    check_transfer_coding(req)?;
     if req.method() == Method::CONNECT {
         // CONNECT sts.amazonaws.com:443 HTTP/1.1
         // Host: sts.amazonaws.com:443
+        if has_body(req) {
+            // RFC 9110 §9.3.6: a CONNECT request has no content. Bytes after the head are
+            // tunnel data; a body in front of them would blur where one ends.
+            return Err(ProxyError::BadRequest(
+                "a CONNECT request cannot have a body".into(),
+            ));
+        }
         let authority = uri
             .authority()
             .filter(|_| uri.scheme().is_none() && uri.path_and_query().is_none())
@@ -146,7 +170,12 @@ fn classify<B>(req: &Request<B>) -> Result<Kind, ProxyError> {
             .map_err(|e| ProxyError::BadRequest(format!("CONNECT target: {e}")))?;
         return Ok(Kind::Connect(target));
     }
-    if req.method() == Method::TRACE {
+    // Methods are case-sensitive, but some origins fold them: `trace` is refused as well.
+    if req
+        .method()
+        .as_str()
+        .eq_ignore_ascii_case(Method::TRACE.as_str())
+    {
         return Err(ProxyError::MethodNotAllowed("TRACE is not proxied".into()));
     }
     match uri.scheme_str() {
@@ -172,6 +201,37 @@ fn classify<B>(req: &Request<B>) -> Result<Kind, ProxyError> {
             "request target {uri} is not absolute-form"
         ))),
     }
+}
+
+/// Refuses a transfer coding other than one `chunked`: the body is forwarded re-chunked, so
+/// any other coding (`gzip, chunked`, `chunked` listed twice) would reach the origin changed.
+/// A 400 rather than RFC 9112's 501: it closes the connection, so bytes after a body framed in
+/// a way cuttle does not forward are never read as the next request.
+fn check_transfer_coding<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let mut codings = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(ProxyError::BadRequest(
+            "transfer codings other than a single chunked are not supported".into(),
+        )),
+    }
+}
+
+/// A request with content: any `Transfer-Encoding`, or a `Content-Length` other than 0.
+fn has_body<B>(req: &Request<B>) -> bool {
+    let headers = req.headers();
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes() != b"0")
 }
 
 #[cfg(test)]
@@ -212,12 +272,58 @@ mod tests {
             ("GET", "/healthz", Ok("local")),
             ("OPTIONS", "*", Err("400")),
             ("TRACE", "http://example.com/", Err("405")),
+            ("trace", "http://example.com/", Err("405")),
+            ("Trace", "/", Err("405")),
         ];
         for (method, uri, want) in cases {
             assert_eq!(
                 kind(method, uri),
                 want.map(str::to_string).map_err(str::to_string),
                 "{method} {uri}"
+            );
+        }
+    }
+
+    /// Only a single `chunked` transfer coding is forwarded; a CONNECT has no body.
+    #[test]
+    fn transfer_codings_and_connect_bodies() {
+        let with = |method: &str, uri: &str, headers: &[(&str, &str)]| {
+            let mut req = Request::builder().method(method).uri(uri);
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            classify(&req.body(()).unwrap()).map_err(|e| e.status().0.as_u16())
+        };
+        let post = "http://example.com/";
+        for te in [
+            &["chunked"][..],
+            &["Chunked"],
+            &[" chunked "],
+            &["chunked,"],
+        ] {
+            let headers: Vec<_> = te.iter().map(|v| ("transfer-encoding", *v)).collect();
+            assert!(with("POST", post, &headers).is_ok(), "{te:?}");
+        }
+        for te in [
+            &["gzip, chunked"][..],
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["gzip", "chunked"],
+            &["identity"],
+        ] {
+            let headers: Vec<_> = te.iter().map(|v| ("transfer-encoding", *v)).collect();
+            assert_eq!(with("POST", post, &headers).err(), Some(400), "{te:?}");
+        }
+        let connect = "sts.amazonaws.com:443";
+        assert!(with("CONNECT", connect, &[("content-length", "0")]).is_ok());
+        for headers in [
+            &[("content-length", "5")][..],
+            &[("transfer-encoding", "chunked")],
+        ] {
+            assert_eq!(
+                with("CONNECT", connect, headers).err(),
+                Some(400),
+                "{headers:?}"
             );
         }
     }

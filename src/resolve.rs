@@ -27,6 +27,9 @@ use crate::metrics::Metrics;
 use crate::policy::Target;
 use crate::settings::{Key, Origin, Settings};
 
+/// Names whose answers the DNS cache holds at once.
+const DNS_CACHE_NAMES: usize = 4096;
+
 /// Static name overrides (`/etc/hosts` format), consulted before DNS.
 #[derive(Clone, Debug, Default)]
 pub struct HostsFile {
@@ -127,6 +130,9 @@ impl Resolver {
         };
         // The hosts file is ours (CUTTLE_HOSTS_FILE), not hickory's view of /etc/hosts.
         builder.options_mut().use_hosts_file = ResolveHosts::Never;
+        // Answers are cached for their TTL; the cache is bounded (hickory's default of 32
+        // names is small for a fleet's worth of AWS endpoints).
+        builder.options_mut().cache_size = DNS_CACHE_NAMES;
         Ok(Resolver {
             hosts,
             dns: builder.build(),

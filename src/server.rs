@@ -32,6 +32,7 @@ use crate::idle::{Activity, ActivityIo};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::proxy;
+use crate::proxy_protocol;
 use crate::resolve::{Dialer, Resolver};
 use crate::settings::Settings;
 use crate::transaction::Observer;
@@ -270,19 +271,50 @@ async fn accept_loop(
             shared.tracker.spawn(refuse_overloaded(stream));
             continue;
         };
-        let conn = Conn {
-            shared: shared.clone(),
-            client: ClientAddr::new(peer),
-            activity: Activity::new(),
+        let active = ActiveGuard::new(&metrics.connections_active);
+        let span = tracing::debug_span!("conn", client = tracing::field::Empty);
+        let start = start_connection(
+            stream,
+            peer,
             admin,
-            _active: ActiveGuard::new(&metrics.connections_active),
-            _permit: permit,
-        };
-        let span = tracing::debug_span!("conn", client = %conn.client);
-        shared
-            .tracker
-            .spawn(serve_connection(stream, Arc::new(conn), drain.clone()).instrument(span));
+            shared.clone(),
+            active,
+            permit,
+            drain.clone(),
+        );
+        shared.tracker.spawn(start.instrument(span));
     }
+}
+
+/// Settles who the client is (the peer, or the address in its PROXY protocol header on the
+/// proxy listener), then serves the connection.
+async fn start_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    admin: bool,
+    shared: Arc<Shared>,
+    active: ActiveGuard,
+    permit: OwnedSemaphorePermit,
+    drain: CancellationToken,
+) {
+    let client = if admin {
+        ClientAddr::new(peer)
+    } else {
+        match proxy_protocol::accept(&mut stream, peer, &shared).await {
+            Some(client) => client,
+            None => return,
+        }
+    };
+    tracing::Span::current().record("client", tracing::field::display(client));
+    let conn = Conn {
+        shared,
+        client,
+        activity: Activity::new(),
+        admin,
+        _active: active,
+        _permit: permit,
+    };
+    serve_connection(stream, Arc::new(conn), drain).await;
 }
 
 /// Holds a gauge one higher while alive.

@@ -390,6 +390,9 @@ pub struct Settings {
     /// Every allowlist entry with its source: regional defaults, global defaults,
     /// `SQUID_WHITELIST`, then the allowlist file.
     pub allowlist: Vec<Entry>,
+    /// Extra entries for some client networks (`[[client_rules]]` of the config file), in
+    /// file order.
+    pub client_rules: Vec<ClientRule>,
     /// Ports CONNECT may reach.
     pub connect_ports: PortSet,
     /// Ports plain HTTP may reach.
@@ -434,6 +437,18 @@ pub struct Settings {
     pub origins: BTreeMap<Key, Origin>,
     /// Things worth a warning once logging is up (unknown `CUTTLE_*` variables).
     pub warnings: Vec<String>,
+}
+
+/// Extra allowlist entries that apply only to clients in some networks: one
+/// `[[client_rules]]` table of the config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientRule {
+    /// `name`, shown as the source of its entries (`client rule "build subnet"`).
+    pub name: Option<String>,
+    /// `cidrs`: the client networks the rule applies to.
+    pub cidrs: Vec<IpNet>,
+    /// `allow`: the entries, each with [`EntrySource::ClientRule`] as its source.
+    pub entries: Vec<Entry>,
 }
 
 /// One value before parsing, with its origin.
@@ -506,9 +521,12 @@ impl Settings {
                 .filter(|v| !v.trim().is_empty())
                 .map(PathBuf::from)
         });
-        let file = match config_path {
-            Some(path) => Some(read_config_file(&path)?),
-            None => None,
+        let (file, client_rules) = match config_path {
+            Some(path) => {
+                let (path, values, client_rules) = read_config_file(&path)?;
+                (Some((path, values)), client_rules)
+            }
+            None => (None, Vec::new()),
         };
         let env = read_env(&sources.env);
         let layers = Layers {
@@ -622,6 +640,7 @@ impl Settings {
             no_whitelist,
             allowlist_file,
             allowlist,
+            client_rules,
             connect_ports,
             http_ports,
             hosts_file,
@@ -740,7 +759,10 @@ pub fn parse_allowlist(path: &Path, text: &str) -> Result<Vec<Entry>, String> {
     Ok(entries)
 }
 
-fn read_config_file(path: &Path) -> Result<(PathBuf, HashMap<String, String>), SettingsError> {
+/// The config file: the value of each setting as text, and the client rules.
+type ConfigFile = (PathBuf, HashMap<String, String>, Vec<ClientRule>);
+
+fn read_config_file(path: &Path) -> Result<ConfigFile, SettingsError> {
     let file_err = |message: String| SettingsError::File {
         path: path.to_path_buf(),
         message,
@@ -754,9 +776,15 @@ fn read_config_file(path: &Path) -> Result<(PathBuf, HashMap<String, String>), S
         .and_then(|c| c.try_deserialize::<HashMap<String, config::Value>>())
         .map_err(|e| file_err(e.to_string()))?;
     let mut values = HashMap::new();
+    let mut client_rules = Vec::new();
     for (key, value) in table {
+        if key == CLIENT_RULES {
+            client_rules = parse_client_rules(path, value)?;
+            continue;
+        }
         if Key::from_file_key(&key).is_none() {
-            let known: Vec<&str> = Key::ALL.iter().map(|k| k.file_key()).collect();
+            let mut known: Vec<&str> = Key::ALL.iter().map(|k| k.file_key()).collect();
+            known.push(CLIENT_RULES);
             return Err(SettingsError::UnknownKey {
                 path: path.to_path_buf(),
                 key,
@@ -781,7 +809,124 @@ fn read_config_file(path: &Path) -> Result<(PathBuf, HashMap<String, String>), S
         };
         values.insert(key, text);
     }
-    Ok((path.to_path_buf(), values))
+    Ok((path.to_path_buf(), values, client_rules))
+}
+
+/// The config file's array of tables of per-client rules (a file-only setting: a list of
+/// tables has no sensible environment form).
+const CLIENT_RULES: &str = "client_rules";
+
+/// The keys of one `[[client_rules]]` table.
+const CLIENT_RULE_KEYS: [&str; 3] = ["name", "cidrs", "allow"];
+
+/// Parses `[[client_rules]]`. Every error names the file and the key as
+/// `client_rules[N].cidrs` (N from 0, in file order), quotes the value and says what was
+/// expected.
+fn parse_client_rules(path: &Path, value: config::Value) -> Result<Vec<ClientRule>, SettingsError> {
+    let invalid = |key: String, message: String| SettingsError::File {
+        path: path.to_path_buf(),
+        message: format!("key {key}: {message}"),
+    };
+    let config::ValueKind::Array(items) = value.kind else {
+        return Err(invalid(
+            CLIENT_RULES.into(),
+            "expected an array of tables ([[client_rules]] with cidrs and allow)".into(),
+        ));
+    };
+    let mut rules = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let at = |field: &str| format!("{CLIENT_RULES}[{index}]{field}");
+        let config::ValueKind::Table(mut table) = item.kind else {
+            return Err(invalid(
+                at(""),
+                "expected a table with cidrs and allow (write [[client_rules]])".into(),
+            ));
+        };
+        let mut unknown: Vec<&String> = table
+            .keys()
+            .filter(|k| !CLIENT_RULE_KEYS.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        if let Some(key) = unknown.first() {
+            return Err(invalid(
+                at(""),
+                format!(
+                    "unknown key {key:?} (known keys: {})",
+                    CLIENT_RULE_KEYS.join(", ")
+                ),
+            ));
+        }
+        let name = match table.remove("name") {
+            None => None,
+            Some(v) => {
+                let name = v
+                    .into_string()
+                    .map_err(|e| invalid(at(".name"), format!("{e} (expected a string)")))?;
+                Some(name.trim().to_string()).filter(|n| !n.is_empty())
+            }
+        };
+        let cidrs = string_list(table.remove("cidrs"))
+            .map_err(|m| invalid(at(".cidrs"), m))?
+            .iter()
+            .map(|item| parse_net(item).map_err(|m| invalid(at(".cidrs"), m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if cidrs.is_empty() {
+            return Err(invalid(
+                at(".cidrs"),
+                "lists no network (expected client networks such as [\"10.20.0.0/16\"])".into(),
+            ));
+        }
+        let source = EntrySource::ClientRule {
+            name: name.clone(),
+            index,
+        };
+        let entries = string_list(table.remove("allow"))
+            .map_err(|m| invalid(at(".allow"), m))?
+            .iter()
+            .map(|item| {
+                Pattern::from_str(item)
+                    .map(|pattern| Entry {
+                        pattern,
+                        source: source.clone(),
+                    })
+                    .map_err(|e| invalid(at(".allow"), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if entries.is_empty() {
+            return Err(invalid(
+                at(".allow"),
+                "lists no entry (expected allowlist entries such as [\".github.com\", \"pypi.org\"])"
+                    .into(),
+            ));
+        }
+        rules.push(ClientRule {
+            name,
+            cidrs,
+            entries,
+        });
+    }
+    Ok(rules)
+}
+
+/// The items of a list value: an array of strings, or one comma- or space-separated string
+/// (as every list setting accepts). Missing is an empty list.
+fn string_list(value: Option<config::Value>) -> Result<Vec<String>, String> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    match value.kind {
+        config::ValueKind::Array(items) => items
+            .into_iter()
+            .map(|item| match item.kind {
+                config::ValueKind::String(s) => Ok(s.trim().to_string()),
+                kind => Err(format!(
+                    "{kind} is not a string (expected a list of strings)"
+                )),
+            })
+            .collect(),
+        config::ValueKind::String(s) => Ok(list_items(&s).map(str::to_string).collect()),
+        kind => Err(format!("{kind} is not a list (expected a list of strings)")),
+    }
 }
 
 struct EnvLayer {
@@ -1145,6 +1290,135 @@ mod tests {
         assert!(message.contains("unknown key \"idle_timeot\""), "{message}");
         let message = err(&[("CUTTLE_CONFIG", "/nonexistent/cuttle.toml")]);
         assert!(message.contains("/nonexistent/cuttle.toml"), "{message}");
+    }
+
+    /// `[[client_rules]]` tables become client rules, their entries sourced to the rule.
+    #[test]
+    fn client_rules_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cuttle.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen = "127.0.0.1:3128"
+
+[[client_rules]]
+name = "build subnet"
+cidrs = ["10.20.0.0/16", "fd00:20::/32"]
+allow = [".github.com", "files.pythonhosted.org", "*.pypi.org"]
+
+[[client_rules]]
+cidrs = "10.30.1.7"
+allow = "pypi.org, 203.0.113.0/24"
+"#,
+        )
+        .unwrap();
+        let s = load(&[("CUTTLE_CONFIG", path.to_str().unwrap())]).unwrap();
+        assert_eq!(s.client_rules.len(), 2);
+        let build = &s.client_rules[0];
+        assert_eq!(build.name.as_deref(), Some("build subnet"));
+        assert_eq!(
+            build.cidrs,
+            vec![
+                "10.20.0.0/16".parse::<IpNet>().unwrap(),
+                "fd00:20::/32".parse().unwrap()
+            ]
+        );
+        let texts: Vec<String> = build.entries.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            texts,
+            [
+                ".github.com (client rule \"build subnet\")",
+                "files.pythonhosted.org (client rule \"build subnet\")",
+                "*.pypi.org (client rule \"build subnet\")",
+            ]
+        );
+        let unnamed = &s.client_rules[1];
+        assert_eq!(unnamed.name, None);
+        assert_eq!(
+            unnamed.cidrs,
+            vec!["10.30.1.7/32".parse::<IpNet>().unwrap()]
+        );
+        let texts: Vec<String> = unnamed.entries.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            texts,
+            [
+                "pypi.org (client_rules[1])",
+                "203.0.113.0/24 (client_rules[1])"
+            ]
+        );
+        // The global allowlist is untouched; without a file there are no rules.
+        assert!(s
+            .allowlist
+            .iter()
+            .all(|e| !matches!(e.source, EntrySource::ClientRule { .. })));
+        assert!(load(&[]).unwrap().client_rules.is_empty());
+    }
+
+    /// A bad client rule names the file and `client_rules[N].key`, quotes the value and says
+    /// what was expected.
+    #[test]
+    fn client_rule_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cuttle.toml");
+        let ok = "[[client_rules]]\ncidrs = [\"10.0.0.0/8\"]\nallow = [\"a.com\"]\n";
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "[[client_rules]]\ncidrs = [\"10.0.0/8\"]\nallow = [\"a.com\"]\n",
+                &["client_rules[0].cidrs", "\"10.0.0/8\"", "expected"],
+            ),
+            (
+                "[[client_rules]]\ncidrs = [\"10.0.0.0/8\"]\nallow = [\"https://a.com/\"]\n",
+                &[
+                    "client_rules[0].allow",
+                    "\"https://a.com/\"",
+                    "scheme",
+                    "expected",
+                ],
+            ),
+            (
+                "[[client_rules]]\ncidrs = []\nallow = [\"a.com\"]\n",
+                &["client_rules[0].cidrs", "lists no network", "expected"],
+            ),
+            (
+                "[[client_rules]]\ncidrs = [\"10.0.0.0/8\"]\n",
+                &["client_rules[0].allow", "lists no entry", "expected"],
+            ),
+            (
+                "[[client_rules]]\ncidrs = [\"10.0.0.0/8\"]\nalow = [\"a.com\"]\n",
+                &[
+                    "client_rules[0]",
+                    "unknown key \"alow\"",
+                    "name, cidrs, allow",
+                ],
+            ),
+            (
+                "[[client_rules]]\ncidrs = [\"10.0.0.0/8\"]\nallow = [7]\n",
+                &["client_rules[0].allow", "7", "expected a list of strings"],
+            ),
+            (
+                "client_rules = \"10.0.0.0/8\"\n",
+                &["client_rules", "expected an array of tables"],
+            ),
+            (
+                "client_rules = [\"10.0.0.0/8\"]\n",
+                &["client_rules[0]", "expected a table"],
+            ),
+        ];
+        for (text, needles) in cases {
+            // A valid rule first, so that the bad one is number 1 (top-level values alone).
+            let prefix = if text.starts_with("[[") { ok } else { "" };
+            std::fs::write(&path, format!("{prefix}{text}")).unwrap();
+            let message = err(&[("CUTTLE_CONFIG", path.to_str().unwrap())]);
+            let message = message.replace("client_rules[1]", "client_rules[0]");
+            assert!(message.contains("cuttle.toml"), "{text}: {message}");
+            for needle in *needles {
+                assert!(
+                    message.contains(needle),
+                    "{text}: {message:?} lacks {needle:?}"
+                );
+            }
+        }
     }
 
     /// The allowlist holds regional defaults, then SQUID_WHITELIST, then the file, with sources.

@@ -138,6 +138,16 @@ impl Transaction {
         });
     }
 
+    /// Records a refusal by the allowlist that report mode lets through: counted and logged as
+    /// `would_deny` unless a later step (the address guard, DNS, connect) fails the request.
+    pub fn would_deny(&self) {
+        self.with(|s| {
+            s.outcome = Outcome::WouldDeny;
+            s.reason = Reason::Allowlist;
+            s.rule = None;
+        });
+    }
+
     /// Records a refusal or failure.
     pub fn failed(&self, error: &ProxyError) {
         let outcome = if error.is_denial() {
