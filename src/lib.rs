@@ -31,7 +31,7 @@
 //! | [`transaction`] | one request's bookkeeping: decision, bytes, upstream, timings, then metrics and log |
 //! | [`error`] | `ProxyError` and its one mapping to responses |
 //! | [`idle`] | the activity clock behind `CUTTLE_IDLE_TIMEOUT` |
-//! | [`commands`] | the operator subcommands: `check`, `config`, `healthcheck` |
+//! | [`commands`] | the operator subcommands: `check`, `config`, `healthcheck`, `report` |
 //! | [`signals`] | SIGTERM / SIGINT |
 //! | [`reload`] | SIGHUP and file changes: rebuild the policy, swap it in atomically |
 
