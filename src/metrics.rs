@@ -136,6 +136,11 @@ impl Reason {
     }
 }
 
+/// The slot of a (kind, outcome, reason) combination in `Metrics::request_handles`.
+fn request_index(kind: Kind, outcome: Outcome, reason: Reason) -> usize {
+    (kind as usize * Outcome::ALL.len() + outcome as usize) * Reason::ALL.len() + reason as usize
+}
+
 /// Latency buckets from 100 µs to 10 minutes: sub-millisecond local answers up to long
 /// downloads and tunnels.
 const DURATION_BUCKETS: &[f64] = &[
@@ -194,6 +199,10 @@ pub enum ReloadResult {
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
+    /// The handles of `requests`, indexed by [`request_index`]: no label lookup per request.
+    request_handles: Vec<Option<IntCounter>>,
+    /// The handles of `request_duration`, by `Kind as usize`.
+    duration_handles: Vec<Histogram>,
     pub connections_active: IntGauge,
     pub connections_total: IntCounter,
     pub connections_rejected: IntCounter,
@@ -300,18 +309,26 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let mut request_handles =
+            vec![None; Kind::ALL.len() * Outcome::ALL.len() * Reason::ALL.len()];
         for kind in Kind::ALL {
             for reason in Reason::ALL {
                 for outcome in reason.outcomes() {
-                    requests.with_label_values(&[kind.label(), outcome.label(), reason.label()]);
+                    request_handles[request_index(kind, *outcome, reason)] =
+                        Some(requests.with_label_values(&[
+                            kind.label(),
+                            outcome.label(),
+                            reason.label(),
+                        ]));
                 }
             }
         }
         let bytes_up = bytes.with_label_values(&["client_to_upstream"]);
         let bytes_down = bytes.with_label_values(&["upstream_to_client"]);
-        for kind in Kind::ALL {
-            request_duration.with_label_values(&[kind.label()]);
-        }
+        let duration_handles = Kind::ALL
+            .iter()
+            .map(|kind| request_duration.with_label_values(&[kind.label()]))
+            .collect();
         reloads.with_label_values(&["success"]);
         reloads.with_label_values(&["failure"]);
 
@@ -340,6 +357,8 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            request_handles,
+            duration_handles,
             connections_active,
             connections_total,
             connections_rejected,
@@ -368,12 +387,20 @@ impl Metrics {
 
     /// Counts one finished request.
     pub fn request(&self, kind: Kind, outcome: Outcome, reason: Reason, duration: Duration) {
-        self.requests
-            .with_label_values(&[kind.label(), outcome.label(), reason.label()])
-            .inc();
-        self.request_duration
-            .with_label_values(&[kind.label()])
-            .observe(duration.as_secs_f64());
+        match self
+            .request_handles
+            .get(request_index(kind, outcome, reason))
+        {
+            Some(Some(counter)) => counter.inc(),
+            // A combination not created up front (not expected): the slow path still counts it.
+            _ => self
+                .requests
+                .with_label_values(&[kind.label(), outcome.label(), reason.label()])
+                .inc(),
+        }
+        if let Some(histogram) = self.duration_handles.get(kind as usize) {
+            histogram.observe(duration.as_secs_f64());
+        }
     }
 
     /// The byte counter of a direction.
