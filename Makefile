@@ -35,7 +35,7 @@ DOCKER_HOST_IP := $(shell echo "$${DOCKER_HOST:-}" | awk -F/ '{print $$3}' | awk
 DOCKER_HOST_IP := $(if $(DOCKER_HOST_IP),$(DOCKER_HOST_IP),localhost)
 
 TARGETS := help version release tag login logout publish clean log compose all test bench lint \
-	check-registry
+	check-registry fuzz soak bench-peers
 
 # `make tag v1 stable` and `make compose ps`: the words after the first goal that are not
 # targets are its arguments (`make tag v1 publish` tags v1, then publishes). Only for those two
@@ -154,6 +154,19 @@ test: ## cargo test
 
 bench: ## cargo bench
 	cargo bench
+
+bench-peers: ## Side-by-side benchmark against Squid and tinyproxy (bench/peers.sh)
+	bash bench/peers.sh
+
+soak: ## The soak and integrity test, longer: make soak CUTTLE_SOAK_SECS=300
+	CUTTLE_SOAK_SECS=$${CUTTLE_SOAK_SECS:-120} cargo test --release --test soak -- --nocapture
+
+fuzz: ## Run each cargo-fuzz target for FUZZ_SECS (default 60) from the checked-in seeds
+	cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz
+	for t in allowlist_entry host decision; do \
+		mkdir -p fuzz/corpus/$$t; \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t fuzz/corpus/$$t fuzz/seeds/$$t -- -max_total_time=$${FUZZ_SECS:-60}; \
+	done
 
 lint: ## cargo fmt --check, clippy, hadolint, cfn-lint, kubernetes-validate
 	cargo fmt --check

@@ -96,13 +96,18 @@ pub async fn forward(
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
-/// The error behind a client failure: ours from the connector (DNS, guard, connect), or a
-/// failure of the upstream exchange.
+/// The error behind a client failure: ours from the connector (DNS, guard, connect), the
+/// client's own request body breaking (a bad chunk: the client's fault, 400), or a failure of
+/// the upstream exchange.
 fn upstream_error(error: hyper_util::client::legacy::Error, target: &Target) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(err) = source {
         if let Some(ours) = err.downcast_ref::<ProxyError>() {
             return ours.clone();
+        }
+        // The request body stream failed: it is the client's body that hyper could not read.
+        if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_user) {
+            return ProxyError::BadRequest(format!("request body: {}", error_chain(err)));
         }
         source = err.source();
     }
