@@ -47,6 +47,9 @@ pub enum ProxyError {
         /// The OS error number, shown in `X-Squid-Error` as Squid does.
         errno: Option<i32>,
     },
+    /// Too many connects to this destination are in progress.
+    #[error("too many connections to {target} are being opened (CUTTLE_MAX_PENDING_CONNECTS)")]
+    ConnectLimit { target: String },
     /// Connecting timed out.
     #[error("timed out connecting to {target}")]
     ConnectTimeout { target: String },
@@ -72,6 +75,7 @@ impl ProxyError {
             ProxyError::Dns { .. } => Reason::Dns,
             ProxyError::ConnectFailed { .. } => Reason::ConnectFailed,
             ProxyError::ConnectTimeout { .. } => Reason::ConnectTimeout,
+            ProxyError::ConnectLimit { .. } => Reason::ConnectLimit,
             ProxyError::Upstream { .. } => Reason::UpstreamFailed,
             ProxyError::SniRefused { .. } => Reason::Sni,
         }
@@ -109,6 +113,10 @@ impl ProxyError {
                 "ERR_CONNECT_FAIL",
                 errno.unwrap_or(0),
             ),
+            // Connects to this destination are piling up (a blackholed host): shed load.
+            ProxyError::ConnectLimit { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "ERR_CANNOT_FORWARD", 0)
+            }
             // No answer within CUTTLE_CONNECT_TIMEOUT.
             ProxyError::ConnectTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, "ERR_CONNECT_TIMEOUT", 0)

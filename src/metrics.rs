@@ -83,13 +83,15 @@ pub enum Reason {
     Dns,
     ConnectFailed,
     ConnectTimeout,
+    /// `CUTTLE_MAX_PENDING_CONNECTS` reached for the destination.
+    ConnectLimit,
     UpstreamFailed,
     /// The tunnel's TLS ClientHello failed the SNI check (`CUTTLE_SNI_CHECK`).
     Sni,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Allowlist,
         Reason::NoWhitelist,
         Reason::Local,
@@ -101,6 +103,7 @@ impl Reason {
         Reason::Dns,
         Reason::ConnectFailed,
         Reason::ConnectTimeout,
+        Reason::ConnectLimit,
         Reason::UpstreamFailed,
         Reason::Sni,
     ];
@@ -118,6 +121,7 @@ impl Reason {
             Reason::Dns => "dns",
             Reason::ConnectFailed => "connect_failed",
             Reason::ConnectTimeout => "connect_timeout",
+            Reason::ConnectLimit => "connect_limit",
             Reason::UpstreamFailed => "upstream_failed",
             Reason::Sni => "sni",
         }

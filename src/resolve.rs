@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
@@ -184,6 +184,31 @@ pub struct Dialer {
     guard: AddressGuard,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Connects in progress per destination, bounded by `max_pending`.
+    pending: Mutex<HashMap<Target, usize>>,
+    max_pending: usize,
+}
+
+/// One place among a destination's connects in progress, given back on drop.
+struct PendingConnect<'d> {
+    dialer: &'d Dialer,
+    target: Target,
+}
+
+impl Drop for PendingConnect<'_> {
+    fn drop(&mut self) {
+        let mut pending = self
+            .dialer
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = pending.get_mut(&self.target) {
+            *count -= 1;
+            if *count == 0 {
+                pending.remove(&self.target);
+            }
+        }
+    }
 }
 
 impl Dialer {
@@ -192,17 +217,37 @@ impl Dialer {
         guard: AddressGuard,
         connect_timeout: Duration,
         metrics: Arc<Metrics>,
+        max_pending: usize,
     ) -> Dialer {
         Dialer {
             resolver,
             guard,
             connect_timeout,
             metrics,
+            pending: Mutex::new(HashMap::new()),
+            max_pending,
         }
+    }
+
+    /// Takes a place among `target`'s connects in progress, if one is free.
+    fn reserve(&self, target: &Target) -> Result<PendingConnect<'_>, ProxyError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let count = pending.entry(target.clone()).or_insert(0);
+        if *count >= self.max_pending {
+            return Err(ProxyError::ConnectLimit {
+                target: target.to_string(),
+            });
+        }
+        *count += 1;
+        Ok(PendingConnect {
+            dialer: self,
+            target: target.clone(),
+        })
     }
 
     /// Connects to `target` through the addresses that pass the guard, in resolver order.
     pub async fn connect(&self, target: &Target) -> Result<Upstream, ProxyError> {
+        let _place = self.reserve(target)?;
         let started = Instant::now();
         let addrs = self.resolver.lookup(&target.host).await;
         let dns = started.elapsed();

@@ -130,6 +130,7 @@ impl Server {
             guard,
             settings.connect_timeout,
             metrics.clone(),
+            settings.max_pending_connects,
         ));
         let client = forward::client(dialer.clone(), settings.idle_timeout);
         let observer = Arc::new(Observer {

@@ -47,6 +47,7 @@ pub enum Key {
     HeaderTimeout,
     IdleTimeout,
     MaxConnections,
+    MaxPendingConnects,
     AccessLog,
     AccessLogHealthz,
     Log,
@@ -60,7 +61,7 @@ pub enum Key {
 
 impl Key {
     /// All keys, in the order `cuttle config` prints them.
-    pub const ALL: [Key; 27] = [
+    pub const ALL: [Key; 28] = [
         Key::Listen,
         Key::AdminListen,
         Key::AllowedCidrs,
@@ -78,6 +79,7 @@ impl Key {
         Key::HeaderTimeout,
         Key::IdleTimeout,
         Key::MaxConnections,
+        Key::MaxPendingConnects,
         Key::ShutdownLifetime,
         Key::AccessLog,
         Key::AccessLogHealthz,
@@ -111,6 +113,7 @@ impl Key {
             Key::HeaderTimeout => "header_timeout",
             Key::IdleTimeout => "idle_timeout",
             Key::MaxConnections => "max_connections",
+            Key::MaxPendingConnects => "max_pending_connects",
             Key::AccessLog => "access_log",
             Key::AccessLogHealthz => "access_log_healthz",
             Key::Log => "log",
@@ -144,6 +147,7 @@ impl Key {
             Key::HeaderTimeout => "CUTTLE_HEADER_TIMEOUT",
             Key::IdleTimeout => "CUTTLE_IDLE_TIMEOUT",
             Key::MaxConnections => "CUTTLE_MAX_CONNECTIONS",
+            Key::MaxPendingConnects => "CUTTLE_MAX_PENDING_CONNECTS",
             Key::AccessLog => "CUTTLE_ACCESS_LOG",
             Key::AccessLogHealthz => "CUTTLE_ACCESS_LOG_HEALTHZ",
             Key::Log => "CUTTLE_LOG",
@@ -177,6 +181,7 @@ impl Key {
             Key::HeaderTimeout => "30s",
             Key::IdleTimeout => "15m",
             Key::MaxConnections => "10000",
+            Key::MaxPendingConnects => "100",
             Key::AccessLog => "squid",
             Key::AccessLogHealthz => "false",
             Key::Log => "info",
@@ -413,6 +418,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Client connections held at once.
     pub max_connections: usize,
+    /// Upstream connects in progress to one destination (`host:port`) at once.
+    pub max_pending_connects: usize,
     /// Time to drain after SIGTERM.
     pub shutdown_lifetime: Duration,
     /// Access log format.
@@ -567,6 +574,7 @@ impl Settings {
         let header_timeout = parse_duration(&get(Key::HeaderTimeout), false)?;
         let idle_timeout = parse_duration(&get(Key::IdleTimeout), false)?;
         let max_connections = parse_count(&get(Key::MaxConnections))?;
+        let max_pending_connects = parse_count(&get(Key::MaxPendingConnects))?;
         let access_log = parse_choice(
             &get(Key::AccessLog),
             &[
@@ -651,6 +659,7 @@ impl Settings {
             header_timeout,
             idle_timeout,
             max_connections,
+            max_pending_connects,
             shutdown_lifetime,
             access_log,
             access_log_healthz,
@@ -716,6 +725,7 @@ impl Settings {
             Key::HeaderTimeout => humantime::format_duration(self.header_timeout).to_string(),
             Key::IdleTimeout => humantime::format_duration(self.idle_timeout).to_string(),
             Key::MaxConnections => self.max_connections.to_string(),
+            Key::MaxPendingConnects => self.max_pending_connects.to_string(),
             Key::AccessLog => format!("{:?}", self.access_log).to_lowercase(),
             Key::AccessLogHealthz => self.access_log_healthz.to_string(),
             Key::Log => self.log.clone(),

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -199,4 +200,71 @@ async fn gigabyte_bodies_in_constant_memory() {
 
     let peak = cuttle.peak_rss_kib();
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB for 2 GiB of bodies");
+}
+
+/// Connects to one destination that does not answer pile up only to
+/// CUTTLE_MAX_PENDING_CONNECTS: past it, requests for that destination get 503 at once, while
+/// other destinations are served.
+#[tokio::test]
+async fn pending_connects_per_destination_are_bounded() {
+    // A listener that never accepts, with a backlog of 0: once its queue is full, the kernel
+    // drops further SYNs and connects to it hang.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let echo = start_echo().await;
+    let proxy = TestProxy::start(&[
+        ("CUTTLE_MAX_PENDING_CONNECTS", "1"),
+        ("CUTTLE_CONNECT_TIMEOUT", "3s"),
+    ])
+    .await;
+    let target = format!("sts.amazonaws.com:{port}");
+    // Five at once: one takes the place and hangs until the connect timeout, four are shed.
+    let attempts: Vec<_> = (0..5)
+        .map(|_| {
+            let (addr, target) = (proxy.addr, target.clone());
+            tokio::spawn(async move { connect_raw(addr, &target).await.1 })
+        })
+        .collect();
+    let mut heads = Vec::new();
+    for attempt in attempts {
+        heads.push(tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap());
+    }
+    let shed = heads
+        .iter()
+        .filter(|h| h.starts_with("HTTP/1.1 503"))
+        .count();
+    let timed_out = heads
+        .iter()
+        .filter(|h| h.starts_with("HTTP/1.1 504"))
+        .count();
+    assert_eq!((shed, timed_out), (4, 1), "{heads:#?}");
+    let shed_head = heads
+        .iter()
+        .find(|h| h.starts_with("HTTP/1.1 503"))
+        .unwrap();
+    assert!(
+        shed_head
+            .to_ascii_lowercase()
+            .contains("x-squid-error: err_cannot_forward 0"),
+        "{shed_head}"
+    );
+    // Another destination is not affected.
+    tunnel(proxy.addr, &format!("sts.amazonaws.com:{}", echo.port())).await;
+    drop(fillers);
+    proxy.stop().await;
 }
