@@ -199,6 +199,7 @@ async fn gigabyte_bodies_in_constant_memory() {
     assert_eq!(mismatch, None, "download corrupted at offset");
 
     let peak = cuttle.peak_rss_kib();
+    eprintln!("peak RSS after 1 GiB up and 1 GiB down: {peak} KiB");
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB for 2 GiB of bodies");
 }
 
