@@ -106,7 +106,10 @@ fn upstream_error(error: hyper_util::client::legacy::Error, target: &Target) -> 
             return ours.clone();
         }
         // The request body stream failed: it is the client's body that hyper could not read.
-        if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_user) {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
             return ProxyError::BadRequest(format!("request body: {}", error_chain(err)));
         }
         source = err.source();
