@@ -10,12 +10,14 @@
 //! parsers, never `TCP_DENIED` (it was not refused). The JSON line says `"decision":
 //! "would_deny"`.
 //!
-//! Lines never hold up traffic: the request path hands a [`Record`] to a bounded channel and
-//! returns; one writer task formats and writes. When the channel is full (stdout cannot keep
-//! up), the record is dropped and counted in `cuttle_access_log_dropped_total`.
+//! Lines never hold up traffic: the request path pushes a [`Record`] onto a bounded queue and
+//! returns, without waking anyone; one writer task takes the queue every 50 ms, formats and
+//! writes. When the queue is full (stdout cannot keep up), the record is dropped and counted in
+//! `cuttle_access_log_dropped_total`.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
@@ -140,16 +142,22 @@ fn media_type(content_type: Option<&str>) -> &str {
     }
 }
 
-enum Message {
-    Record(Box<Record>),
-    Flush(oneshot::Sender<()>),
+/// The records waiting for the writer, shared with the request path.
+struct Queue {
+    records: Mutex<Vec<Record>>,
 }
 
 /// The access log's sending side.
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<Message>>,
+    queue: Option<Arc<Queue>>,
+    /// Asks the writer to write at once (shutdown), with a reply when done.
+    flushes: Option<mpsc::Sender<oneshot::Sender<()>>>,
     dropped: IntCounter,
 }
+
+/// How often the writer takes what was queued. Requests never wake it: a cross-thread wake-up
+/// per request costs more than the line itself.
+const WRITE_EVERY: Duration = Duration::from_millis(50);
 
 impl AccessLog {
     /// Starts the writer task over `out` (stdout in the binary). `Off` writes nothing.
@@ -158,30 +166,47 @@ impl AccessLog {
         W: AsyncWrite + Send + Unpin + 'static,
     {
         if format == AccessLogFormat::Off {
-            return AccessLog { tx: None, dropped };
+            return AccessLog {
+                queue: None,
+                flushes: None,
+                dropped,
+            };
         }
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(rx, BufWriter::new(out), format));
+        let queue = Arc::new(Queue {
+            records: Mutex::new(Vec::with_capacity(256)),
+        });
+        let (flushes, requests) = mpsc::channel(4);
+        tokio::spawn(write_loop(
+            queue.clone(),
+            requests,
+            BufWriter::new(out),
+            format,
+        ));
         AccessLog {
-            tx: Some(tx),
+            queue: Some(queue),
+            flushes: Some(flushes),
             dropped,
         }
     }
 
     /// Queues a record; drops (and counts) it if the writer is behind.
     pub fn log(&self, record: Record) {
-        if let Some(tx) = &self.tx {
-            if tx.try_send(Message::Record(Box::new(record))).is_err() {
+        if let Some(queue) = &self.queue {
+            let mut records = queue.records.lock().unwrap_or_else(|p| p.into_inner());
+            if records.len() >= QUEUE {
+                drop(records);
                 self.dropped.inc();
+            } else {
+                records.push(record);
             }
         }
     }
 
     /// Waits (up to `limit`) until everything queued so far is written.
     pub async fn flush(&self, limit: Duration) {
-        if let Some(tx) = &self.tx {
+        if let Some(flushes) = &self.flushes {
             let (done, wait) = oneshot::channel();
-            let sent = tokio::time::timeout(limit, tx.send(Message::Flush(done))).await;
+            let sent = tokio::time::timeout(limit, flushes.send(done)).await;
             if matches!(sent, Ok(Ok(()))) {
                 let _ = tokio::time::timeout(limit, wait).await;
             }
@@ -190,40 +215,46 @@ impl AccessLog {
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
-    mut rx: mpsc::Receiver<Message>,
+    queue: Arc<Queue>,
+    mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
     mut out: BufWriter<W>,
     format: AccessLogFormat,
 ) {
     let mut line = String::with_capacity(256);
+    let mut batch = Vec::with_capacity(256);
     let mut broken = false;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut waiting = Vec::new();
-        // Write everything queued, then flush once.
-        while let Some(message) = next {
-            match message {
-                Message::Record(record) => {
-                    line.clear();
-                    let text = match format {
-                        AccessLogFormat::Json => record.json_line(),
-                        _ => record.squid_line(),
-                    };
-                    let _ = writeln!(line, "{text}");
-                    if !broken {
-                        if let Err(e) = out.write_all(line.as_bytes()).await {
-                            tracing::warn!(error = %e, "access log output failed; lines are discarded from now on");
-                            broken = true;
-                        }
-                    }
+    let mut tick = tokio::time::interval(WRITE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let flush = tokio::select! {
+            _ = tick.tick() => None,
+            request = flushes.recv() => match request {
+                Some(done) => Some(done),
+                None => return,
+            },
+        };
+        std::mem::swap(
+            &mut batch,
+            &mut *queue.records.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+        for record in batch.drain(..) {
+            line.clear();
+            let text = match format {
+                AccessLogFormat::Json => record.json_line(),
+                _ => record.squid_line(),
+            };
+            let _ = writeln!(line, "{text}");
+            if !broken {
+                if let Err(e) = out.write_all(line.as_bytes()).await {
+                    tracing::warn!(error = %e, "access log output failed; lines are discarded from now on");
+                    broken = true;
                 }
-                Message::Flush(done) => waiting.push(done),
             }
-            next = rx.try_recv().ok();
         }
         if !broken && out.flush().await.is_err() {
             broken = true;
         }
-        for done in waiting {
+        if let Some(done) = flush {
             let _ = done.send(());
         }
     }
