@@ -90,48 +90,60 @@ mod imp {
     /// is 1 MiB by default): 16 times fewer splices per byte than the default 64 KiB pipe.
     const BULK_PIPE: usize = 1024 * 1024;
 
+    /// Moves bytes src → pipe → dst, reading while earlier bytes are still being written, so
+    /// that neither socket waits on the other.
     pub async fn pump(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<u64> {
         let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
-        let mut chunk = CHUNK;
+        let mut capacity = CHUNK;
+        let mut pending = 0usize;
+        let mut eof = false;
         let mut total = 0u64;
         loop {
-            src.readable().await?;
-            // Created on first data: an idle direction holds no pipe.
-            if pipe.is_none() {
-                pipe = Some(nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?);
+            if eof && pending == 0 {
+                return Ok(total);
             }
-            let Some((pipe_r, pipe_w)) = &pipe else {
-                continue;
-            };
-            // The pipe is empty here, so WouldBlock can only mean the socket has no data.
-            let filled = match src.try_io(Interest::READABLE, || {
-                splice(src, None, pipe_w, None, chunk, flags()).map_err(io::Error::from)
-            }) {
-                Ok(0) => return Ok(total),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            };
-            let mut pending = filled;
-            while pending > 0 {
-                dst.writable().await?;
-                match dst.try_io(Interest::WRITABLE, || {
-                    splice(pipe_r, None, dst, None, pending, flags()).map_err(io::Error::from)
-                }) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => pending -= n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+            let room = !eof && pending < capacity;
+            tokio::select! {
+                ready = src.readable(), if room => {
+                    ready?;
+                    // Created on first data: an idle direction holds no pipe.
+                    if pipe.is_none() {
+                        pipe = Some(nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?);
+                    }
+                    let Some((_, pipe_w)) = &pipe else { continue };
+                    // The pipe has room for what is asked, so WouldBlock means no data.
+                    match src.try_io(Interest::READABLE, || {
+                        splice(src, None, pipe_w, None, capacity - pending, flags()).map_err(io::Error::from)
+                    }) {
+                        Ok(0) => eof = true,
+                        Ok(n) => {
+                            pending += n;
+                            // A full pipe means bulk transfer: grow it once (best effort; a
+                            // limit on pipe memory just keeps the default size).
+                            if pending == capacity && capacity < BULK_PIPE {
+                                if let Ok(size) = fcntl(pipe_w, FcntlArg::F_SETPIPE_SZ(BULK_PIPE as i32)) {
+                                    capacity = usize::try_from(size).unwrap_or(CHUNK).max(CHUNK);
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-            }
-            total += filled as u64;
-            meter.moved(filled);
-            // A full pipe means bulk transfer: grow the pipe once (best effort; a limit on
-            // pipe memory just keeps the default size).
-            if filled == chunk && chunk < BULK_PIPE {
-                if let Some((_, pipe_w)) = &pipe {
-                    if let Ok(size) = fcntl(pipe_w, FcntlArg::F_SETPIPE_SZ(BULK_PIPE as i32)) {
-                        chunk = usize::try_from(size).unwrap_or(CHUNK).max(CHUNK);
+                ready = dst.writable(), if pending > 0 => {
+                    ready?;
+                    let Some((pipe_r, _)) = &pipe else { continue };
+                    match dst.try_io(Interest::WRITABLE, || {
+                        splice(pipe_r, None, dst, None, pending, flags()).map_err(io::Error::from)
+                    }) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => {
+                            pending -= n;
+                            total += n as u64;
+                            meter.moved(n);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
                     }
                 }
             }
