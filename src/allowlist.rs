@@ -23,7 +23,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+// Keys come from the configuration only; a client chooses what is looked up, never what is
+// stored, so a fast non-keyed hash is safe here and halves the per-label cost.
 use ipnet::IpNet;
+use rustc_hash::FxHashMap;
 
 use crate::host::{is_name_byte, is_numeric_label, Host, HostError};
 
@@ -352,9 +355,9 @@ pub fn aws_defaults(regions: &[Region]) -> Vec<Entry> {
 pub struct Allowlist {
     /// Kept entries, in the order given; the maps below hold indices into it.
     entries: Vec<Entry>,
-    exact: HashMap<String, usize>,
+    exact: FxHashMap<String, usize>,
     /// `Suffix` entries by name without the leading dot.
-    suffixes: HashMap<String, usize>,
+    suffixes: FxHashMap<String, usize>,
     globs: GlobSet,
     /// Entry index of each glob in `globs`, in glob order.
     glob_entries: Vec<usize>,
@@ -374,8 +377,8 @@ impl Allowlist {
         let covered = covering_entries(&entries);
         let mut list = Allowlist {
             entries: Vec::with_capacity(entries.len()),
-            exact: HashMap::new(),
-            suffixes: HashMap::new(),
+            exact: FxHashMap::default(),
+            suffixes: FxHashMap::default(),
             globs: GlobSet::empty(),
             glob_entries: Vec::new(),
             nets: HashMap::new(),
