@@ -10,38 +10,11 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Parses the Prometheus text format into `series -> value` (series as printed, labels sorted
-/// by the encoder).
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let text = direct_client()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("metrics text");
-    parse_metrics(&text)
-}
-
 fn value(metrics: &HashMap<String, f64>, series: &str) -> f64 {
     *metrics
         .get(series)
         .unwrap_or_else(|| panic!("no series {series}"))
 }
-
-/// Squid's native format, field by field.
-const SQUID_LINE: &str = r"^(\d+)\.(\d{3}) +(\d+) (\S+) ([A-Z_]+)/(\d{3}) (\d+) (\S+) (\S+) (\S+) ([A-Z_]+)/(\S+) (\S+)$";
 
 /// 2 allowed HTTP requests, 1 allowed tunnel, 3 refusals by the allowlist and 1 by client CIDR:
 /// `/metrics` shows exactly those increments, the byte totals match what was sent, the tunnel

@@ -236,17 +236,6 @@ where
     }
 }
 
-async fn metrics_text(addr: std::net::SocketAddr) -> String {
-    direct_client()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Runs a subcommand and returns its exit code and stdout.
 fn run_stdout(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_cuttle"))

@@ -11,28 +11,6 @@ use std::process::{Command, Stdio};
 
 use support::*;
 
-/// Squid's native format, field by field (as `tests/observability.rs`): a Squid log parser's
-/// view of a line. The result code stays one `[A-Z_]+` token.
-const SQUID_LINE: &str = r"^(\d+)\.(\d{3}) +(\d+) (\S+) ([A-Z_]+)/(\d{3}) (\d+) (\S+) (\S+) (\S+) ([A-Z_]+)/(\S+) (\S+)$";
-
-async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let text = direct_client()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn requests(metrics: &HashMap<String, f64>, kind: &str, decision: &str, reason: &str) -> f64 {
     let series = format!(
         "cuttle_requests_total{{decision=\"{decision}\",kind=\"{kind}\",reason=\"{reason}\"}}"

@@ -86,14 +86,7 @@ async fn assert_closed(mut stream: TcpStream, what: &str) {
 
 /// The value of `series` in the proxy's `/metrics`.
 async fn metric(proxy: SocketAddr, series: &str) -> f64 {
-    let text = direct_client()
-        .get(format!("http://{proxy}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = metrics_text(proxy).await;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))

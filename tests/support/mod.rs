@@ -139,6 +139,38 @@ pub fn client_builder(proxy: &str, ca: Option<&TestCa>) -> reqwest::ClientBuilde
     builder
 }
 
+// === Metrics and logs ===
+
+/// Squid's native access log format (`logformat squid`), field by field: time, elapsed, client,
+/// code/status, bytes, method, URL, user, hierarchy/peer, type.
+pub const SQUID_LINE: &str = r"^(\d+)\.(\d{3}) +(\d+) (\S+) ([A-Z_]+)/(\d{3}) (\d+) (\S+) (\S+) (\S+) ([A-Z_]+)/(\S+) (\S+)$";
+
+/// The proxy's `/metrics` text.
+pub async fn metrics_text(addr: SocketAddr) -> String {
+    direct_client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The proxy's `/metrics` as `series -> value` (series as printed, labels sorted by the
+/// encoder).
+pub async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    metrics_text(addr)
+        .await
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 // === Origins ===
 
 type Body = BoxBody<Bytes, hyper::Error>;
