@@ -134,21 +134,6 @@ async fn healthy_request(proxy: SocketAddr, origin: SocketAddr) {
 
 // === Metrics ===
 
-/// One gauge from `/metrics` (the scrape's own connection is counted in
-/// `cuttle_connections_active`, the same way at every scrape).
-async fn gauge(proxy: SocketAddr, name: &str) -> i64 {
-    let text = raw_exchange(
-        proxy,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as i64)
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 /// Polls until `cuttle_connections_active` and `cuttle_tunnels_active` are back to the given
 /// values, for up to `limit`; returns the last values seen.
 async fn settle(proxy: SocketAddr, connections: i64, tunnels: i64, limit: Duration) -> (i64, i64) {

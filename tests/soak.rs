@@ -417,21 +417,6 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-/// One gauge from `/metrics` (the scrape's own connection counts in
-/// `cuttle_connections_active`).
-async fn gauge(proxy: SocketAddr, name: &str) -> i64 {
-    let text = raw_exchange(
-        proxy,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as i64)
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 /// Polls `check` every 100 ms until it holds or `limit` passes; returns whether it held.
 async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where

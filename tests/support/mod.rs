@@ -171,6 +171,21 @@ pub async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
         .collect()
 }
 
+/// One gauge or counter from `/metrics`, fetched over a fresh connection that closes (that
+/// connection is counted in `cuttle_connections_active`, the same way at every scrape).
+pub async fn gauge(proxy: SocketAddr, name: &str) -> i64 {
+    let text = raw_exchange(
+        proxy,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as i64)
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
 // === Origins ===
 
 type Body = BoxBody<Bytes, hyper::Error>;
