@@ -1,10 +1,12 @@
 //! Relaying a tunnel's bytes between two TCP sockets.
 //!
-//! On Linux the bytes never enter user space: each direction moves them socket → pipe → socket
-//! with `splice(2)` (through `nix`'s safe wrapper). A pipe is created only when its direction
-//! first has data, so an idle tunnel holds no buffer at all, and the kernel moves pages instead
-//! of copying them twice through a user-space buffer. Elsewhere a buffered copy is used, its
-//! buffer also taken only once data is ready.
+//! Every direction starts with a burst copy through the worker thread's scratch buffer: read
+//! what is ready, write it straight on. A tunnel that exchanges a few small messages (a TLS
+//! handshake, a request, a response) costs two system calls per message and holds no buffer or
+//! pipe of its own. When a read fills the scratch buffer the direction carries bulk data, and on
+//! Linux it moves to `splice(2)`: socket → pipe → socket through `nix`'s safe wrapper, the
+//! kernel moving pages instead of copying them twice through user space. Elsewhere the burst
+//! copy simply continues.
 //!
 //! Each direction ends at end of stream: the write half of the other socket is shut down (the
 //! half-close is passed on) and the other direction keeps flowing until it ends too. Every
@@ -49,10 +51,103 @@ pub async fn relay(
 
 /// One direction, until end of stream; then the half-close is passed on.
 async fn pump(src: &TcpStream, dst: &TcpStream, meter: Meter) -> io::Result<u64> {
-    let moved = imp::pump(src, dst, &meter).await?;
+    let moved = match burst::pump(src, dst, &meter).await? {
+        burst::Ended::Eof(moved) => moved,
+        // Bulk: the rest goes through the kernel-side copy.
+        #[cfg(target_os = "linux")]
+        burst::Ended::Bulk(moved) => moved + splice::pump(src, dst, &meter).await?,
+    };
     // The peer may already be gone; the other direction will notice.
     let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
     Ok(moved)
+}
+
+mod burst {
+    //! The start of every direction: bytes are read into this thread's scratch buffer and
+    //! written straight on, so a tunnel that exchanges a few small messages (most of them: a
+    //! TLS handshake, a request, a response) costs two system calls per message and no pipe or
+    //! buffer of its own. A read that fills the scratch buffer means bulk data: the caller
+    //! switches to the kernel-side copy (splice) from then on.
+    //!
+    //! The scratch buffer is never held across an await, so an idle tunnel holds no buffer;
+    //! only bytes the destination cannot take at once are copied into a buffer of their own
+    //! (and freed as soon as they are written).
+
+    use std::cell::RefCell;
+    use std::io;
+
+    use tokio::net::TcpStream;
+
+    use super::{write_all, Meter, CHUNK};
+
+    thread_local! {
+        static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; CHUNK].into_boxed_slice());
+    }
+
+    pub enum Ended {
+        /// End of stream after this many bytes.
+        Eof(u64),
+        /// This many bytes moved, and more are waiting: bulk transfer.
+        #[cfg(target_os = "linux")]
+        Bulk(u64),
+    }
+
+    enum Step {
+        Eof,
+        /// Read and fully written.
+        Moved(usize),
+        /// Read; only part written, the rest is here.
+        Partial(usize, Vec<u8>),
+        NotReady,
+    }
+
+    /// Reads what is ready and writes as much of it as the destination takes now.
+    fn step(src: &TcpStream, dst: &TcpStream) -> io::Result<Step> {
+        SCRATCH.with(|scratch| {
+            let mut guard = scratch.borrow_mut();
+            let buf = &mut guard[..];
+            let n = match src.try_read(buf) {
+                Ok(0) => return Ok(Step::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::NotReady),
+                Err(e) => return Err(e),
+            };
+            let mut written = 0;
+            while written < n {
+                match dst.try_write(&buf[written..n]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(w) => written += w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Step::Partial(n, buf[written..n].to_vec()))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Step::Moved(n))
+        })
+    }
+
+    pub async fn pump(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<Ended> {
+        let mut total = 0u64;
+        loop {
+            src.readable().await?;
+            let n = match step(src, dst)? {
+                Step::NotReady => continue,
+                Step::Eof => return Ok(Ended::Eof(total)),
+                Step::Moved(n) => n,
+                Step::Partial(n, rest) => {
+                    write_all(dst, &rest).await?;
+                    n
+                }
+            };
+            total += n as u64;
+            meter.moved(n);
+            #[cfg(target_os = "linux")]
+            if n == CHUNK {
+                return Ok(Ended::Bulk(total));
+            }
+        }
+    }
 }
 
 /// Writes all of `bytes` to `dst` (data that arrived before the relay started).
@@ -70,8 +165,8 @@ pub async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 }
 
 #[cfg(target_os = "linux")]
-mod imp {
-    //! splice(2) through a pipe.
+mod splice {
+    //! splice(2) through a pipe, for bulk transfers.
 
     use std::io;
     use std::os::fd::OwnedFd;
@@ -91,7 +186,8 @@ mod imp {
     const BULK_PIPE: usize = 1024 * 1024;
 
     /// Moves bytes src → pipe → dst, reading while earlier bytes are still being written, so
-    /// that neither socket waits on the other.
+    /// that neither socket waits on the other. The pipe is created here, once the direction
+    /// has shown bulk data.
     pub async fn pump(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<u64> {
         let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
         let mut capacity = CHUNK;
@@ -147,37 +243,6 @@ mod imp {
                     }
                 }
             }
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-mod imp {
-    //! A buffered copy, the buffer taken once data is ready.
-
-    use std::io;
-
-    use tokio::net::TcpStream;
-
-    use super::{write_all, Meter, CHUNK};
-
-    pub async fn pump(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<u64> {
-        let mut buf: Vec<u8> = Vec::new();
-        let mut total = 0u64;
-        loop {
-            src.readable().await?;
-            if buf.is_empty() {
-                buf = vec![0u8; CHUNK];
-            }
-            let n = match src.try_read(&mut buf) {
-                Ok(0) => return Ok(total),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            };
-            write_all(dst, &buf[..n]).await?;
-            total += n as u64;
-            meter.moved(n);
         }
     }
 }
@@ -249,5 +314,86 @@ mod tests {
         assert_eq!(writer.await.unwrap(), b"reply after half-close");
         let (up, down) = relay.await.unwrap().unwrap();
         assert_eq!((up, down), (3_000_000, 22));
+    }
+
+    /// Messages smaller than the scratch buffer, sent to a destination that cannot take them
+    /// at once (tiny socket buffers, a reader that starts late): the burst copy keeps what was
+    /// not written and every byte arrives in order.
+    #[tokio::test]
+    async fn burst_copy_survives_partial_writes() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, mut upstream) = pair().await;
+        // Reads stay below the scratch size (so the copy never turns to splice) and writes
+        // fill the destination's buffers.
+        socket2::SockRef::from(&proxy_client)
+            .set_recv_buffer_size(16 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&proxy_upstream)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&upstream)
+            .set_recv_buffer_size(64 * 1024)
+            .unwrap();
+        let (up, down) = meters();
+        let relay =
+            tokio::spawn(async move { relay(&proxy_client, &proxy_upstream, up, down).await });
+        // 40 messages of 30 000 bytes, each below the scratch size, each its own burst.
+        let message: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+        let expected: Vec<u8> = message.repeat(40);
+        let writer = tokio::spawn(async move {
+            for _ in 0..40 {
+                client.write_all(&message).await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+        });
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 1000];
+        loop {
+            let n = upstream.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "bytes arrived out of order or changed");
+        drop(upstream);
+        writer.await.unwrap();
+        let (up, _) = relay.await.unwrap().unwrap();
+        assert_eq!(up, 1_200_000);
+    }
+
+    fn meters() -> (Meter, Meter) {
+        let activity = Activity::new();
+        let counter = || {
+            let metrics = Arc::new(Metrics::new());
+            let observer = Arc::new(Observer {
+                access_log: crate::access_log::AccessLog::start(
+                    crate::settings::AccessLogFormat::Off,
+                    tokio::io::sink(),
+                    metrics.access_log_dropped.clone(),
+                ),
+                metrics,
+            });
+            Transaction::begin(
+                observer,
+                crate::client_acl::ClientAddr::new("127.0.0.1:1".parse().unwrap()),
+                &http::Method::CONNECT,
+                "x:1".into(),
+            )
+        };
+        let tx = counter();
+        (
+            Meter {
+                counter: tx.counter(Direction::ClientToUpstream),
+                activity: activity.clone(),
+            },
+            Meter {
+                counter: tx.counter(Direction::UpstreamToClient),
+                activity,
+            },
+        )
     }
 }

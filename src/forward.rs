@@ -75,8 +75,7 @@ pub async fn forward(
     append_via(&mut parts.headers);
 
     let response = conn
-        .shared
-        .client
+        .upstream
         .request(Request::from_parts(
             parts,
             CountedBody::counted(body, tx.counter(Direction::ClientToUpstream)),

@@ -113,7 +113,7 @@ fn main() -> ExitCode {
     if let Command::Run = command {
         init_tracing(&settings);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

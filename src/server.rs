@@ -64,7 +64,6 @@ pub struct Shared {
     /// The current policy; swapped whole on reload.
     pub policy: ArcSwap<Policy>,
     pub dialer: Arc<Dialer>,
-    pub client: UpstreamClient,
     /// Set when the drain starts: `/healthz` answers 503.
     pub draining: AtomicBool,
     /// Connections and tunnels, waited on by the drain.
@@ -76,6 +75,9 @@ pub struct Shared {
 /// Per-connection context handed to the request path.
 pub struct Conn {
     pub shared: Arc<Shared>,
+    /// The upstream client of the worker serving this connection (its pooled connections
+    /// live on that worker).
+    pub upstream: UpstreamClient,
     pub client: ClientAddr,
     pub activity: Arc<Activity>,
     /// Accepted on the admin listener: only `/healthz` and `/metrics` are served.
@@ -132,7 +134,6 @@ impl Server {
             metrics.clone(),
             settings.max_pending_connects,
         ));
-        let client = forward::client(dialer.clone(), settings.idle_timeout);
         let observer = Arc::new(Observer {
             access_log: AccessLog::start(
                 settings.access_log,
@@ -146,7 +147,6 @@ impl Server {
             settings: Arc::new(settings),
             policy: ArcSwap::from_pointee(policy),
             dialer,
-            client,
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
@@ -184,25 +184,21 @@ impl Server {
         let limit = Arc::new(Semaphore::new(shared.settings.max_connections));
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|admin| {
-            tokio::spawn(accept_loop(
-                admin,
-                true,
-                shared.clone(),
-                limit.clone(),
-                admin_stop.clone(),
-                admin_stop.clone(),
-            ))
+            let upstream = forward::client(shared.dialer.clone(), shared.settings.idle_timeout);
+            let with = Accepting {
+                admin: true,
+                shared: shared.clone(),
+                limit: limit.clone(),
+                upstream,
+                drain: admin_stop.clone(),
+            };
+            tokio::spawn(accept_loop(admin, with, admin_stop.clone()))
         });
 
-        accept_loop(
-            listener,
-            false,
-            shared.clone(),
-            limit,
-            shutdown.clone(),
-            shutdown,
-        )
-        .await;
+        // The proxy listener is served by the workers, each accepting on its own copy of the
+        // socket; they end when this future ends, however it ends.
+        let workers = Workers::start(listener, &shared, &limit, &shutdown).await;
+        workers.accepting.wait().await;
 
         shared.draining.store(true, Ordering::SeqCst);
         let lifetime = shared.settings.shutdown_lifetime;
@@ -220,12 +216,142 @@ impl Server {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        workers.stop().await;
         shared
             .observer
             .access_log
             .flush(Duration::from_secs(2))
             .await;
         tracing::info!("stopped");
+    }
+}
+
+/// The threads that serve the proxy listener: each runs a single-threaded runtime with its own
+/// accept loop and its own upstream connection pool, so a connection, its requests, its
+/// pooled upstream connections and its tunnel all stay on one thread (no cross-thread wake-ups
+/// on the request path). The kernel spreads new connections over the accept loops.
+struct Workers {
+    /// The accept loops, waited on before the drain starts.
+    accepting: TaskTracker,
+    /// Ends the workers' runtimes (and whatever still runs on them).
+    exit: CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Starts the workers and returns once each is accepting.
+    async fn start(
+        listener: TcpListener,
+        shared: &Arc<Shared>,
+        limit: &Arc<Semaphore>,
+        shutdown: &CancellationToken,
+    ) -> Workers {
+        let accepting = TaskTracker::new();
+        let exit = CancellationToken::new();
+        let mut threads = Vec::new();
+        let mut ready = Vec::new();
+        // Accepting starts when every worker is up: once one answers, all of them are there.
+        let go = CancellationToken::new();
+        let count = shared.settings.worker_count();
+        let listener = match listener.into_std() {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hand the listener to the workers");
+                return Workers {
+                    accepting,
+                    exit,
+                    threads,
+                };
+            }
+        };
+        for index in 0..count {
+            let socket = match listener.try_clone() {
+                Ok(socket) => socket,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start worker {index}");
+                    continue;
+                }
+            };
+            let (started, is_ready) = tokio::sync::oneshot::channel::<()>();
+            ready.push(is_ready);
+            let accept = {
+                let go = go.clone();
+                let shared = shared.clone();
+                let limit = limit.clone();
+                let shutdown = shutdown.clone();
+                async move {
+                    let listener = match TcpListener::from_std(socket) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            tracing::error!(error = %e, "worker cannot accept");
+                            return;
+                        }
+                    };
+                    let upstream =
+                        forward::client(shared.dialer.clone(), shared.settings.idle_timeout);
+                    let _ = started.send(());
+                    go.cancelled().await;
+                    let with = Accepting {
+                        admin: false,
+                        shared,
+                        limit,
+                        upstream,
+                        drain: shutdown.clone(),
+                    };
+                    accept_loop(listener, with, shutdown).await;
+                }
+            };
+            let accept = accepting.track_future(accept);
+            let exit = exit.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("cuttle-worker-{index}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a worker runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        tokio::select! {
+                            () = accept => exit.cancelled().await,
+                            () = exit.cancelled() => {}
+                        }
+                    });
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => tracing::error!(error = %e, "cannot start worker {index}"),
+            }
+        }
+        accepting.close();
+        Workers {
+            accepting,
+            exit,
+            threads,
+        }
+    }
+
+    /// Ends the workers and waits (briefly) for their threads.
+    async fn stop(mut self) {
+        self.exit.cancel();
+        let threads = std::mem::take(&mut self.threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(5), joined).await;
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.exit.cancel();
     }
 }
 
@@ -241,16 +367,23 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// Accepts until `stop` fires; each connection is served on the tracker and told to finish
-/// gracefully when `drain` fires.
-async fn accept_loop(
-    listener: TcpListener,
+/// What an accept loop gives every connection it accepts.
+#[derive(Clone)]
+struct Accepting {
+    /// The admin listener: only `/healthz` and `/metrics` are served.
     admin: bool,
     shared: Arc<Shared>,
+    /// `CUTTLE_MAX_CONNECTIONS`, shared by every listener.
     limit: Arc<Semaphore>,
-    stop: CancellationToken,
+    /// The upstream client of the thread running the loop.
+    upstream: UpstreamClient,
+    /// Tells the connection to finish gracefully.
     drain: CancellationToken,
-) {
+}
+
+/// Accepts until `stop` fires; each connection is served on the tracker and told to finish
+/// gracefully when `drain` fires.
+async fn accept_loop(listener: TcpListener, with: Accepting, stop: CancellationToken) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -264,9 +397,10 @@ async fn accept_loop(
                 }
             },
         };
+        let shared = &with.shared;
         let metrics = &shared.observer.metrics;
         metrics.connections_total.inc();
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = with.limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached (CUTTLE_MAX_CONNECTIONS)");
             metrics.connections_rejected.inc();
             shared.tracker.spawn(refuse_overloaded(stream));
@@ -274,15 +408,7 @@ async fn accept_loop(
         };
         let active = ActiveGuard::new(&metrics.connections_active);
         let span = tracing::debug_span!("conn", client = tracing::field::Empty);
-        let start = start_connection(
-            stream,
-            peer,
-            admin,
-            shared.clone(),
-            active,
-            permit,
-            drain.clone(),
-        );
+        let start = start_connection(stream, peer, with.clone(), active, permit);
         shared.tracker.spawn(start.instrument(span));
     }
 }
@@ -292,12 +418,17 @@ async fn accept_loop(
 async fn start_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    admin: bool,
-    shared: Arc<Shared>,
+    with: Accepting,
     active: ActiveGuard,
     permit: OwnedSemaphorePermit,
-    drain: CancellationToken,
 ) {
+    let Accepting {
+        admin,
+        shared,
+        upstream,
+        drain,
+        ..
+    } = with;
     let client = if admin {
         ClientAddr::new(peer)
     } else {
@@ -309,6 +440,7 @@ async fn start_connection(
     tracing::Span::current().record("client", tracing::field::display(client));
     let conn = Conn {
         shared,
+        upstream,
         client,
         activity: Activity::new(),
         admin,

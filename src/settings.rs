@@ -48,6 +48,7 @@ pub enum Key {
     IdleTimeout,
     MaxConnections,
     MaxPendingConnects,
+    Workers,
     AccessLog,
     AccessLogHealthz,
     Log,
@@ -61,7 +62,7 @@ pub enum Key {
 
 impl Key {
     /// All keys, in the order `cuttle config` prints them.
-    pub const ALL: [Key; 28] = [
+    pub const ALL: [Key; 29] = [
         Key::Listen,
         Key::AdminListen,
         Key::AllowedCidrs,
@@ -80,6 +81,7 @@ impl Key {
         Key::IdleTimeout,
         Key::MaxConnections,
         Key::MaxPendingConnects,
+        Key::Workers,
         Key::ShutdownLifetime,
         Key::AccessLog,
         Key::AccessLogHealthz,
@@ -114,6 +116,7 @@ impl Key {
             Key::IdleTimeout => "idle_timeout",
             Key::MaxConnections => "max_connections",
             Key::MaxPendingConnects => "max_pending_connects",
+            Key::Workers => "workers",
             Key::AccessLog => "access_log",
             Key::AccessLogHealthz => "access_log_healthz",
             Key::Log => "log",
@@ -148,6 +151,7 @@ impl Key {
             Key::IdleTimeout => "CUTTLE_IDLE_TIMEOUT",
             Key::MaxConnections => "CUTTLE_MAX_CONNECTIONS",
             Key::MaxPendingConnects => "CUTTLE_MAX_PENDING_CONNECTS",
+            Key::Workers => "CUTTLE_WORKERS",
             Key::AccessLog => "CUTTLE_ACCESS_LOG",
             Key::AccessLogHealthz => "CUTTLE_ACCESS_LOG_HEALTHZ",
             Key::Log => "CUTTLE_LOG",
@@ -182,6 +186,7 @@ impl Key {
             Key::IdleTimeout => "15m",
             Key::MaxConnections => "10000",
             Key::MaxPendingConnects => "100",
+            Key::Workers => "auto",
             Key::AccessLog => "squid",
             Key::AccessLogHealthz => "false",
             Key::Log => "info",
@@ -420,6 +425,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Upstream connects in progress to one destination (`host:port`) at once.
     pub max_pending_connects: usize,
+    /// Threads serving the proxy listener; `None` is one per CPU available to the process.
+    pub workers: Option<usize>,
     /// Time to drain after SIGTERM.
     pub shutdown_lifetime: Duration,
     /// Access log format.
@@ -575,6 +582,7 @@ impl Settings {
         let idle_timeout = parse_duration(&get(Key::IdleTimeout), false)?;
         let max_connections = parse_count(&get(Key::MaxConnections))?;
         let max_pending_connects = parse_count(&get(Key::MaxPendingConnects))?;
+        let workers = parse_workers(&get(Key::Workers))?;
         let access_log = parse_choice(
             &get(Key::AccessLog),
             &[
@@ -660,6 +668,7 @@ impl Settings {
             idle_timeout,
             max_connections,
             max_pending_connects,
+            workers,
             shutdown_lifetime,
             access_log,
             access_log_healthz,
@@ -677,6 +686,16 @@ impl Settings {
 }
 
 impl Settings {
+    /// Threads serving the proxy listener: `CUTTLE_WORKERS`, or one per CPU this process may
+    /// use (cgroup CPU quotas included).
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(std::num::NonZeroUsize::get)
+                .unwrap_or(1)
+        })
+    }
+
     /// The effective value of `key`, as text (for `cuttle config` and reload comparisons).
     pub fn value_text(&self, key: Key) -> String {
         fn join<T: fmt::Display>(items: &[T]) -> String {
@@ -726,6 +745,10 @@ impl Settings {
             Key::IdleTimeout => humantime::format_duration(self.idle_timeout).to_string(),
             Key::MaxConnections => self.max_connections.to_string(),
             Key::MaxPendingConnects => self.max_pending_connects.to_string(),
+            Key::Workers => match self.workers {
+                Some(n) => n.to_string(),
+                None => "auto".to_string(),
+            },
             Key::AccessLog => format!("{:?}", self.access_log).to_lowercase(),
             Key::AccessLogHealthz => self.access_log_healthz.to_string(),
             Key::Log => self.log.clone(),
@@ -1077,6 +1100,21 @@ fn parse_count(raw: &Raw) -> Result<usize, SettingsError> {
     match raw.text.trim().parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(raw.invalid(format!("{:?} is not a positive whole number", raw.text))),
+    }
+}
+
+/// `auto` or a count from 1 to 1024.
+fn parse_workers(raw: &Raw) -> Result<Option<usize>, SettingsError> {
+    let text = raw.text.trim();
+    if text.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(Some(n)),
+        _ => Err(raw.invalid(format!(
+            "{:?} is not \"auto\" or a thread count from 1 to 1024",
+            raw.text
+        ))),
     }
 }
 

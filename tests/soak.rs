@@ -465,6 +465,8 @@ async fn soak_mixed_traffic_with_faults_loses_nothing() {
         echo: echo_addr,
         origin,
     };
+    // One answered request: every worker thread and its event loop exist before fds are counted.
+    let _ = gauge(cuttle.addr, "cuttle_connections_active").await;
     let fds_before = open_fds(pid);
 
     let rss_cold = status_kib(pid, "VmRSS:");
