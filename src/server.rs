@@ -48,6 +48,8 @@ pub enum StartError {
     Resolver(#[from] crate::resolve::ResolverError),
     #[error("invalid allowlist: {0}")]
     Allowlist(#[from] crate::allowlist::EntryError),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(io::Error),
     #[error("cannot listen on {addr} ({var}): {source}")]
     Bind {
         addr: SocketAddr,
@@ -91,9 +93,15 @@ pub struct Conn {
 
 /// A bound, ready server.
 pub struct Server {
-    listener: TcpListener,
+    /// The proxy listener's address (the workers hold the socket).
+    local: SocketAddr,
     admin: Option<TcpListener>,
     shared: Arc<Shared>,
+    /// `CUTTLE_MAX_CONNECTIONS`, both listeners together.
+    limit: Arc<Semaphore>,
+    workers: Workers,
+    /// Stops the workers' accept loops and starts the drain of their connections.
+    stop: CancellationToken,
 }
 
 impl Server {
@@ -151,16 +159,23 @@ impl Server {
             tracker: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
         });
+        let limit = Arc::new(Semaphore::new(shared.settings.max_connections));
+        let stop = CancellationToken::new();
+        let local = local_addr(&listener);
+        let workers = Workers::start(listener, &shared, &limit, &stop).await?;
         Ok(Server {
-            listener,
+            local,
             admin,
             shared,
+            limit,
+            workers,
+            stop,
         })
     }
 
     /// The proxy listener's address (the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        local_addr(&self.listener)
+        self.local
     }
 
     /// The admin listener's address, if any.
@@ -177,11 +192,13 @@ impl Server {
     /// connection and tunnel is closed.
     pub async fn run(self, shutdown: CancellationToken) {
         let Server {
-            listener,
             admin,
             shared,
+            limit,
+            workers,
+            stop,
+            ..
         } = self;
-        let limit = Arc::new(Semaphore::new(shared.settings.max_connections));
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|admin| {
             let upstream = forward::client(shared.dialer.clone(), shared.settings.idle_timeout);
@@ -195,9 +212,10 @@ impl Server {
             tokio::spawn(accept_loop(admin, with, admin_stop.clone()))
         });
 
-        // The proxy listener is served by the workers, each accepting on its own copy of the
-        // socket; they end when this future ends, however it ends.
-        let workers = Workers::start(listener, &shared, &limit, &shutdown).await;
+        // The workers accept until the shutdown; they end when this future ends, however it
+        // ends (dropping them stops their threads).
+        shutdown.cancelled().await;
+        stop.cancel();
         workers.accepting.wait().await;
 
         shared.draining.store(true, Ordering::SeqCst);
@@ -227,9 +245,9 @@ impl Server {
 }
 
 /// The threads that serve the proxy listener: each runs a single-threaded runtime with its own
-/// accept loop and its own upstream connection pool, so a connection, its requests, its
-/// pooled upstream connections and its tunnel all stay on one thread (no cross-thread wake-ups
-/// on the request path). The kernel spreads new connections over the accept loops.
+/// accept loop (on its own copy of the listening socket) and its own upstream connection pool,
+/// so a connection, its requests, its pooled upstream connections and its tunnel all stay on
+/// one thread: no cross-thread wake-ups on the request path.
 struct Workers {
     /// The accept loops, waited on before the drain starts.
     accepting: TaskTracker,
@@ -239,71 +257,38 @@ struct Workers {
 }
 
 impl Workers {
-    /// Starts the workers and returns once each is accepting.
+    /// Starts `CUTTLE_WORKERS` threads; returns once every one is accepting. They accept
+    /// until `stop` fires, and run until [`Workers::stop`] or until dropped.
     async fn start(
         listener: TcpListener,
         shared: &Arc<Shared>,
         limit: &Arc<Semaphore>,
-        shutdown: &CancellationToken,
-    ) -> Workers {
-        let accepting = TaskTracker::new();
-        let exit = CancellationToken::new();
-        let mut threads = Vec::new();
-        let mut ready = Vec::new();
-        // Accepting starts when every worker is up: once one answers, all of them are there.
-        let go = CancellationToken::new();
-        let count = shared.settings.worker_count();
-        let listener = match listener.into_std() {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot hand the listener to the workers");
-                return Workers {
-                    accepting,
-                    exit,
-                    threads,
-                };
-            }
+        stop: &CancellationToken,
+    ) -> Result<Workers, StartError> {
+        let mut workers = Workers {
+            accepting: TaskTracker::new(),
+            exit: CancellationToken::new(),
+            threads: Vec::new(),
         };
-        for index in 0..count {
-            let socket = match listener.try_clone() {
-                Ok(socket) => socket,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start worker {index}");
-                    continue;
-                }
+        let listener = listener.into_std().map_err(StartError::Workers)?;
+        let mut ready = Vec::new();
+        for index in 0..shared.settings.worker_count() {
+            let socket = listener.try_clone().map_err(StartError::Workers)?;
+            let with = Accepting {
+                admin: false,
+                shared: shared.clone(),
+                limit: limit.clone(),
+                upstream: forward::client(shared.dialer.clone(), shared.settings.idle_timeout),
+                drain: stop.clone(),
             };
-            let (started, is_ready) = tokio::sync::oneshot::channel::<()>();
+            let accept =
+                workers
+                    .accepting
+                    .track_future(accept_loop_std(socket, with, stop.clone()));
+            let (started, is_ready) = tokio::sync::oneshot::channel::<io::Result<()>>();
             ready.push(is_ready);
-            let accept = {
-                let go = go.clone();
-                let shared = shared.clone();
-                let limit = limit.clone();
-                let shutdown = shutdown.clone();
-                async move {
-                    let listener = match TcpListener::from_std(socket) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            tracing::error!(error = %e, "worker cannot accept");
-                            return;
-                        }
-                    };
-                    let upstream =
-                        forward::client(shared.dialer.clone(), shared.settings.idle_timeout);
-                    let _ = started.send(());
-                    go.cancelled().await;
-                    let with = Accepting {
-                        admin: false,
-                        shared,
-                        limit,
-                        upstream,
-                        drain: shutdown.clone(),
-                    };
-                    accept_loop(listener, with, shutdown).await;
-                }
-            };
-            let accept = accepting.track_future(accept);
-            let exit = exit.clone();
-            let spawned = std::thread::Builder::new()
+            let exit = workers.exit.clone();
+            let thread = std::thread::Builder::new()
                 .name(format!("cuttle-worker-{index}"))
                 .spawn(move || {
                     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -312,28 +297,30 @@ impl Workers {
                     {
                         Ok(runtime) => runtime,
                         Err(e) => {
-                            tracing::error!(error = %e, "cannot start a worker runtime");
+                            let _ = started.send(Err(e));
                             return;
                         }
                     };
                     runtime.block_on(async move {
+                        let _ = started.send(Ok(()));
                         tokio::select! {
                             () = accept => exit.cancelled().await,
                             () = exit.cancelled() => {}
                         }
                     });
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(e) => tracing::error!(error = %e, "cannot start worker {index}"),
+                })
+                .map_err(StartError::Workers)?;
+            workers.threads.push(thread);
+        }
+        workers.accepting.close();
+        for is_ready in ready {
+            match is_ready.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(StartError::Workers(e)),
+                Err(_) => return Err(StartError::Workers(io::Error::other("worker ended"))),
             }
         }
-        accepting.close();
-        Workers {
-            accepting,
-            exit,
-            threads,
-        }
+        Ok(workers)
     }
 
     /// Ends the workers and waits (briefly) for their threads.
@@ -346,6 +333,14 @@ impl Workers {
             }
         });
         let _ = tokio::time::timeout(Duration::from_secs(5), joined).await;
+    }
+}
+
+/// [`accept_loop`] on a socket handed over from another runtime (registered with this one).
+async fn accept_loop_std(socket: std::net::TcpListener, with: Accepting, stop: CancellationToken) {
+    match TcpListener::from_std(socket) {
+        Ok(listener) => accept_loop(listener, with, stop).await,
+        Err(e) => tracing::error!(error = %e, "a worker cannot accept"),
     }
 }
 

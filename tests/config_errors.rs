@@ -17,6 +17,8 @@ fn bad_values_exit_2_naming_variable_and_value() {
         ("CUTTLE_IDLE_TIMEOUT", "0", "zero"),
         ("CUTTLE_ACCESS_LOG", "xml", "squid, json, off"),
         ("NO_WHITELIST", "perhaps", "true or false"),
+        ("CUTTLE_WORKERS", "0", "thread count from 1 to 1024"),
+        ("CUTTLE_WORKERS", "many", "\"auto\""),
     ];
     for (var, value, expected) in cases {
         let (code, stderr) = run_to_exit(&[(var, value)], &[]);

@@ -269,3 +269,42 @@ async fn pending_connects_per_destination_are_bounded() {
     drop(fillers);
     proxy.stop().await;
 }
+
+/// `CUTTLE_WORKERS=3`: three named worker threads serve the listener together; many tunnels
+/// at once (small exchanges and bulk ones) all get their bytes back intact.
+#[tokio::test]
+async fn workers_share_the_listener() {
+    let echo = start_echo().await;
+    let cuttle = CuttleProcess::start(&[("CUTTLE_WORKERS", "3")]).await;
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", cuttle.pid()))
+        .expect("task dir")
+        .filter_map(|task| {
+            let path = task.ok()?.path().join("comm");
+            Some(std::fs::read_to_string(path).ok()?.trim().to_string())
+        })
+        .filter(|name| name.starts_with("cuttle-worker-"))
+        .collect();
+    assert_eq!(threads.len(), 3, "worker threads: {threads:?}");
+
+    let target = format!("sts.amazonaws.com:{}", echo.port());
+    let mut tunnels = tokio::task::JoinSet::new();
+    for i in 0..24u64 {
+        let target = target.clone();
+        let proxy = cuttle.addr;
+        tunnels.spawn(async move {
+            // Every third tunnel carries 3 MiB (bulk: the splice path), the rest 300 bytes.
+            let len = if i % 3 == 0 { 3 << 20 } else { 300 };
+            let data = random_bytes(len, i);
+            let stream = tunnel(proxy, &target).await;
+            let back = echo_through(stream, data.clone()).await;
+            assert!(
+                back == data,
+                "tunnel {i}: {} bytes back of {len}",
+                back.len()
+            );
+        });
+    }
+    while let Some(done) = tunnels.join_next().await {
+        done.expect("tunnel task");
+    }
+}
