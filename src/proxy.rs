@@ -46,6 +46,9 @@ enum Kind {
 
 /// Serves one request. Never fails: errors become responses.
 pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    // Until the response head is ready the connection is not idle: the wait for it has its own
+    // deadline (the 504 in `forward`), which must answer first.
+    let _busy = conn.activity.busy();
     let tx = Transaction::begin(
         conn.shared.observer.clone(),
         conn.client,
