@@ -353,11 +353,13 @@ async fn refuse_overloaded(mut stream: TcpStream) {
 }
 
 /// The client socket as hyper serves it: the framing watch over the activity clock.
-/// [`crate::tunnel`] takes the raw socket back out of it after `CONNECT`.
+/// [`crate::tunnel`] takes the raw socket back out of it after `CONNECT` by downcasting to
+/// exactly this type, so `serve_connection` names it rather than letting it be inferred.
 pub type ClientIo = TokioIo<FramingIo<ActivityIo<TcpStream>>>;
 
 /// Serves one client connection: HTTP/1.1 with upgrades (CONNECT), the header timeout, the
-/// idle timeout, and a graceful close when the drain starts.
+/// idle timeout (which waits while a request waits for its response head: that wait answers
+/// 504 on the same clock, see [`crate::idle`]), and a graceful close when the drain starts.
 async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, drain: CancellationToken) {
     let _ = stream.set_nodelay(true);
     let settings = &conn.shared.settings;
