@@ -1,6 +1,7 @@
 //! Policy-path micro-benchmarks (issue 7): allowlist lookup at 10, 1k and 100k entries (hits one
 //! and five labels below the matching entry, and a miss), the client CIDR check for 3 and 1k
-//! ranges, the full [`Policy::decide`], and the Squid access-log line.
+//! ranges, the full [`Policy::decide`], the Squid access-log line, and the request framing
+//! watch over typical requests (the cost it adds to every request).
 //!
 //! Targets: allowlist lookup ≤ 100 ns at 100k entries and flat from 10 to 100k. Kept short
 //! (`cargo bench --bench policy` well under two minutes): modest sample sizes and measurement
@@ -16,6 +17,7 @@ use ipnet::IpNet;
 use cuttle::access_log::Record;
 use cuttle::allowlist::{Allowlist, Entry, EntrySource, Pattern};
 use cuttle::client_acl::{ClientAcl, ClientAddr};
+use cuttle::framing::Tracker;
 use cuttle::host::Host;
 use cuttle::metrics::{Kind, Outcome, Reason};
 use cuttle::policy::{Policy, Request, Target};
@@ -226,6 +228,48 @@ fn access_log_line(c: &mut Criterion) {
     group.finish();
 }
 
+/// The framing watch following typical requests as they arrive in one read each: a GET head
+/// as the AWS CLI sends it, a PUT with a 16 KiB `Content-Length` body, and a chunked upload of
+/// four 4 KiB chunks.
+fn framing_watch(c: &mut Criterion) {
+    let head = "GET http://s3.us-west-2.amazonaws.com/bucket/some/key.json HTTP/1.1\r\n\
+        Host: s3.us-west-2.amazonaws.com\r\nAccept-Encoding: identity\r\n\
+        User-Agent: aws-cli/2.15.0 md/Botocore#1.34.0 ua/2.0 os/linux#6.1 md/arch#x86_64\r\n\
+        X-Amz-Date: 20240101T000000Z\r\nX-Amz-Content-SHA256: UNSIGNED-PAYLOAD\r\n\
+        Authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20240101/us-west-2/s3/aws4_request, \
+        SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature=0123456789abcdef\r\n\r\n";
+    let put = [
+        b"PUT http://s3.us-west-2.amazonaws.com/bucket/obj HTTP/1.1\r\nHost: s3\r\nContent-Length: 16384\r\n\r\n".as_slice(),
+        &[b'x'; 16384],
+    ]
+    .concat();
+    let mut chunked =
+        b"POST http://sts.amazonaws.com/ HTTP/1.1\r\nHost: sts\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"1000\r\n");
+        chunked.extend_from_slice(&[b'y'; 4096]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut group = c.benchmark_group("framing_watch");
+    for (name, bytes) in [
+        ("get_head", head.as_bytes()),
+        ("put_16k", put.as_slice()),
+        ("chunked_4x4k", chunked.as_slice()),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut tracker = Tracker::new(64 * 1024);
+                tracker.feed(black_box(bytes));
+                assert_eq!(tracker.heads(), 1);
+                tracker
+            })
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(30)
@@ -236,6 +280,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = allowlist_lookup, host_parse, client_cidr, policy_decide, access_log_line
+    targets = allowlist_lookup, host_parse, client_cidr, policy_decide, access_log_line, framing_watch
 }
 criterion_main!(benches);

@@ -53,6 +53,10 @@ pub enum ProxyError {
     /// Connecting timed out.
     #[error("timed out connecting to {target}")]
     ConnectTimeout { target: String },
+    /// The upstream sent no response head within `CUTTLE_IDLE_TIMEOUT` of the client's last
+    /// byte.
+    #[error("timed out waiting for a response from {target} (CUTTLE_IDLE_TIMEOUT)")]
+    ReadTimeout { target: String },
     /// The upstream failed after the connection was made.
     #[error("upstream {target} failed: {detail}")]
     Upstream { target: String, detail: String },
@@ -76,6 +80,7 @@ impl ProxyError {
             ProxyError::ConnectFailed { .. } => Reason::ConnectFailed,
             ProxyError::ConnectTimeout { .. } => Reason::ConnectTimeout,
             ProxyError::ConnectLimit { .. } => Reason::ConnectLimit,
+            ProxyError::ReadTimeout { .. } => Reason::UpstreamTimeout,
             ProxyError::Upstream { .. } => Reason::UpstreamFailed,
             ProxyError::SniRefused { .. } => Reason::Sni,
         }
@@ -121,6 +126,8 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, "ERR_CONNECT_TIMEOUT", 0)
             }
+            // Connected and sent the request, but no response head in time.
+            ProxyError::ReadTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "ERR_READ_TIMEOUT", 0),
             // Connected, but the upstream broke the exchange.
             ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "ERR_READ_ERROR", 0),
         }

@@ -9,6 +9,12 @@
 //!
 //! The pool's connector goes through [`Dialer::connect`], so pooled connections are made to
 //! guarded addresses only.
+//!
+//! An upstream that takes the request and sends no response head gets until
+//! `CUTTLE_IDLE_TIMEOUT` after the client connection last moved a byte (request body bytes
+//! restart the clock, so a slow upload is never cut); then the client gets 504
+//! `ERR_READ_TIMEOUT` and the upstream connection is dropped. The connection's own idle check
+//! waits for that answer (see [`crate::idle`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -74,14 +80,20 @@ pub async fn forward(
     parts.headers.insert(header::HOST, host);
     append_via(&mut parts.headers);
 
-    let response = conn
-        .upstream
-        .request(Request::from_parts(
-            parts,
-            CountedBody::counted(body, tx.counter(Direction::ClientToUpstream)),
-        ))
-        .await
-        .map_err(|e| upstream_error(e, &target))?;
+    let request = conn.upstream.request(Request::from_parts(
+        parts,
+        CountedBody::counted(body, tx.counter(Direction::ClientToUpstream)),
+    ));
+    // No response head within CUTTLE_IDLE_TIMEOUT of the client's last byte (a slow upload
+    // keeps the clock running): 504. Dropping the request drops the upstream connection.
+    let response = tokio::select! {
+        response = request => response.map_err(|e| upstream_error(e, &target))?,
+        _ = conn.activity.quiet_for(conn.shared.settings.idle_timeout) => {
+            return Err(ProxyError::ReadTimeout {
+                target: target.to_string(),
+            });
+        }
+    };
     let (mut parts, body) = response.into_parts();
     if let Some(info) = parts.extensions.remove::<UpstreamInfo>() {
         // DNS and connect times belong to the request that opened the pooled connection.

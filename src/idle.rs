@@ -5,10 +5,16 @@
 //! covers a keep-alive connection and, after `CONNECT`, the tunnel running over it (the
 //! upgraded stream still reads and writes through the wrapper), so one mechanism enforces
 //! `CUTTLE_IDLE_TIMEOUT` on both.
+//!
+//! A request waiting for its response head holds a [`Busy`] mark: the connection is not idle
+//! meanwhile, because the wait has its own deadline on the same clock
+//! ([`Activity::quiet_for`], the 504 of `crate::forward`), which must answer before the
+//! connection is closed. When the mark goes, the clock is stamped, so the idle timeout runs
+//! from the end of the wait at the earliest.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,12 +22,14 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When bytes last moved on a connection.
+/// When bytes last moved on a connection, and whether a request is waiting for its answer.
 #[derive(Debug)]
 pub struct Activity {
     base: Instant,
     /// Milliseconds since `base` of the last activity.
     last_ms: AtomicU64,
+    /// Requests waiting for their response head.
+    busy: AtomicUsize,
 }
 
 impl Activity {
@@ -30,6 +38,7 @@ impl Activity {
         Arc::new(Activity {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
         })
     }
 
@@ -39,16 +48,49 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Completes once nothing moved for `timeout`.
-    pub async fn idle(&self, timeout: Duration) {
+    /// Marks a request waiting for its response head until the mark is dropped.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Completes once nothing moved for `timeout`, whatever requests wait.
+    pub async fn quiet_for(&self, timeout: Duration) {
         loop {
-            let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + timeout;
+            let deadline = self.last() + timeout;
             if Instant::now() >= deadline {
                 return;
             }
             tokio::time::sleep_until(deadline).await;
         }
+    }
+
+    /// Completes once nothing moved for `timeout` and no request is waiting for its response
+    /// head (see the module docs).
+    pub async fn idle(&self, timeout: Duration) {
+        loop {
+            self.quiet_for(timeout).await;
+            if self.busy.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            // The wait ends with its own answer; look again a timeout from now at the latest.
+            tokio::time::sleep(timeout).await;
+        }
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A request waiting for its response head (see [`Activity::busy`]).
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -142,5 +184,28 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    /// While a request waits for its response, the connection is not idle (the wait's own
+    /// `quiet_for` deadline fires on time); the idle timeout then runs from the end of the wait.
+    #[tokio::test(start_paused = true)]
+    async fn busy_connection_is_not_idle_and_the_clock_restarts_after() {
+        let activity = Activity::new();
+        let start = Instant::now();
+        let busy = activity.busy();
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move {
+                activity.idle(Duration::from_secs(10)).await;
+                Instant::now()
+            }
+        });
+        activity.quiet_for(Duration::from_secs(10)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!idle.is_finished(), "idle while a request waits");
+        drop(busy);
+        let idle_at = idle.await.unwrap();
+        assert_eq!(idle_at - start, Duration::from_secs(25));
     }
 }

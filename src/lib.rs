@@ -19,6 +19,7 @@
 //! | [`policy`] | request targets and the decision over (client, request) |
 //! | [`resolve`] | hosts file, async DNS with cache, dialling guarded addresses only |
 //! | [`server`] | listeners, accept loop, connection limit, per-connection tasks, drain |
+//! | [`framing`] | the request framing watch: `Content-Length` with `Transfer-Encoding` is refused |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted load balancers: the real client address |
 //! | [`proxy`] | the request path: classify, decide, then tunnel / forward / local |
 //! | [`tunnel`] | `CONNECT` |
@@ -44,6 +45,7 @@ pub mod commands;
 pub mod copy;
 pub mod error;
 pub mod forward;
+pub mod framing;
 pub mod guard;
 pub mod host;
 pub mod idle;

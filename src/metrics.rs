@@ -86,12 +86,14 @@ pub enum Reason {
     /// `CUTTLE_MAX_PENDING_CONNECTS` reached for the destination.
     ConnectLimit,
     UpstreamFailed,
+    /// No response head from upstream within `CUTTLE_IDLE_TIMEOUT`.
+    UpstreamTimeout,
     /// The tunnel's TLS ClientHello failed the SNI check (`CUTTLE_SNI_CHECK`).
     Sni,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::Allowlist,
         Reason::NoWhitelist,
         Reason::Local,
@@ -105,6 +107,7 @@ impl Reason {
         Reason::ConnectTimeout,
         Reason::ConnectLimit,
         Reason::UpstreamFailed,
+        Reason::UpstreamTimeout,
         Reason::Sni,
     ];
 
@@ -123,6 +126,7 @@ impl Reason {
             Reason::ConnectTimeout => "connect_timeout",
             Reason::ConnectLimit => "connect_limit",
             Reason::UpstreamFailed => "upstream_failed",
+            Reason::UpstreamTimeout => "upstream_timeout",
             Reason::Sni => "sni",
         }
     }

@@ -46,6 +46,9 @@ enum Kind {
 
 /// Serves one request. Never fails: errors become responses.
 pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    // Until the response head is ready the connection is not idle: the wait for it has its own
+    // deadline (the 504 in `forward`), which must answer first.
+    let _busy = conn.activity.busy();
     let tx = Transaction::begin(
         conn.shared.observer.clone(),
         conn.client,
@@ -73,6 +76,14 @@ async fn route(
     req: Request<Incoming>,
     tx: &Transaction,
 ) -> Result<Response<Body>, ProxyError> {
+    // Before anything else, as hyper's own framing refusals: a head that carried both
+    // Content-Length and Transfer-Encoding (hyper dropped the length; the framing watch saw it
+    // on the wire). RFC 9112 §6.1 lets a server refuse it; nothing is forwarded.
+    if conn.framing.next_is_ambiguous() {
+        return Err(ProxyError::BadRequest(
+            "Content-Length with Transfer-Encoding".into(),
+        ));
+    }
     let wants_local = req.method() != Method::CONNECT && req.uri().scheme().is_none();
     if wants_local {
         let healthz = req.uri().path() == "/healthz";
@@ -144,9 +155,9 @@ fn log_url<B>(req: &Request<B>) -> String {
 ///
 /// hyper has already refused what cannot be framed (conflicting or malformed
 /// `Content-Length`, a `Transfer-Encoding` whose last coding is not `chunked`, obsolete line
-/// folding, oversized heads) and dropped `Content-Length` when `Transfer-Encoding` is present
-/// (RFC 9112 §6.3; it also closes the connection after the response). What is left to refuse
-/// here is what hyper accepts but cuttle cannot pass on faithfully.
+/// folding, oversized heads), and [`route`] has refused a head with both `Content-Length` and
+/// `Transfer-Encoding` (which hyper accepts, dropping the length: see [`crate::framing`]).
+/// What is left to refuse here is what hyper accepts but cuttle cannot pass on faithfully.
 fn classify<B>(req: &Request<B>) -> Result<Kind, ProxyError> {
     let uri = req.uri();
     check_transfer_coding(req)?;

@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::access_log::AccessLog;
 use crate::client_acl::ClientAddr;
 use crate::forward::{self, UpstreamClient};
+use crate::framing::{FramingIo, Verdicts};
 use crate::guard::AddressGuard;
 use crate::idle::{Activity, ActivityIo};
 use crate::metrics::Metrics;
@@ -82,6 +83,8 @@ pub struct Conn {
     pub upstream: UpstreamClient,
     pub client: ClientAddr,
     pub activity: Arc<Activity>,
+    /// What the framing watch found on this connection's request bytes.
+    pub framing: Arc<Verdicts>,
     /// Accepted on the admin listener: only `/healthz` and `/metrics` are served.
     pub admin: bool,
     /// Keeps `cuttle_connections_active` up while the connection (or its tunnel) lives.
@@ -438,6 +441,7 @@ async fn start_connection(
         upstream,
         client,
         activity: Activity::new(),
+        framing: Verdicts::new(),
         admin,
         _active: active,
         _permit: permit,
@@ -475,12 +479,22 @@ async fn refuse_overloaded(mut stream: TcpStream) {
     .await;
 }
 
+/// The client socket as hyper serves it: the framing watch over the activity clock.
+/// [`crate::tunnel`] takes the raw socket back out of it after `CONNECT` by downcasting to
+/// exactly this type, so `serve_connection` names it rather than letting it be inferred.
+pub type ClientIo = TokioIo<FramingIo<ActivityIo<TcpStream>>>;
+
 /// Serves one client connection: HTTP/1.1 with upgrades (CONNECT), the header timeout, the
-/// idle timeout, and a graceful close when the drain starts.
+/// idle timeout (which waits while a request waits for its response head: that wait answers
+/// 504 on the same clock, see [`crate::idle`]), and a graceful close when the drain starts.
 async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, drain: CancellationToken) {
     let _ = stream.set_nodelay(true);
     let settings = &conn.shared.settings;
-    let io = TokioIo::new(ActivityIo::new(stream, conn.activity.clone()));
+    let io: ClientIo = TokioIo::new(FramingIo::new(
+        ActivityIo::new(stream, conn.activity.clone()),
+        conn.framing.clone(),
+        MAX_HEADER_BYTES,
+    ));
     let service_conn = conn.clone();
     let service =
         service_fn(move |req: hyper::Request<Incoming>| proxy::handle(service_conn.clone(), req));

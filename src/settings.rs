@@ -419,7 +419,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Time a client has to send its request head.
     pub header_timeout: Duration,
-    /// A connection or tunnel idle this long is closed.
+    /// A connection or tunnel idle this long is closed; a request with no response head this
+    /// long after the client's last byte gets 504.
     pub idle_timeout: Duration,
     /// Client connections held at once.
     pub max_connections: usize,

@@ -16,12 +16,11 @@ use tokio::net::TcpStream;
 
 use crate::copy::{self, Meter};
 use crate::error::ProxyError;
-use crate::idle::ActivityIo;
 use crate::metrics::Direction;
 use crate::policy::Target;
 use crate::proxy::{full, Body};
 use crate::resolve::Upstream;
-use crate::server::{ActiveGuard, Conn};
+use crate::server::{ActiveGuard, ClientIo, Conn};
 use crate::sni;
 use crate::transaction::{CountedIo, Transaction};
 
@@ -65,9 +64,6 @@ pub async fn open(
     Ok(response)
 }
 
-/// The client's socket as hyper accepted it.
-type ClientIo = TokioIo<ActivityIo<TcpStream>>;
-
 /// Relays between the client and the upstream. The client's raw socket is taken back from
 /// hyper so that [`copy::relay`] can move bytes socket to socket; bytes the client sent before
 /// the upgrade completed go first.
@@ -79,7 +75,7 @@ async fn copy_both_ways(
 ) -> io::Result<(u64, u64)> {
     match upgraded.downcast::<ClientIo>() {
         Ok(parts) => {
-            let client = parts.io.into_inner().into_inner();
+            let client = parts.io.into_inner().into_inner().into_inner();
             let up = Meter {
                 counter: tx.counter(Direction::ClientToUpstream),
                 activity: conn.activity.clone(),

@@ -234,58 +234,117 @@ async fn upstream_reset_mid_stream_truncates() {
     proxy.stop().await;
 }
 
-/// An upstream that accepts and never answers: with `CUTTLE_IDLE_TIMEOUT=2s` the client
-/// connection (no byte either way) is closed after about 2 s, and the upstream connection is
-/// closed with it. Other clients are served meanwhile.
+/// An upstream that reads the request and never answers: with `CUTTLE_IDLE_TIMEOUT=2s` the
+/// client gets 504 `ERR_READ_TIMEOUT` about 2 s after its last byte (not a silent close when
+/// the connection's idle timeout fires), counted as `reason="upstream_timeout"` and logged as
+/// `TCP_MISS/504`; the upstream connection is dropped. Another client is served meanwhile.
 #[tokio::test]
-async fn upstream_never_answering_is_closed_at_idle_timeout() {
+async fn upstream_never_answering_gets_504() {
     let origin = start_origin().await;
-    let proxy = TestProxy::start(&[("CUTTLE_IDLE_TIMEOUT", "2s")]).await;
+    let mut cuttle =
+        CuttleProcess::start_with(&[("CUTTLE_IDLE_TIMEOUT", "2s")], Stdout::Capture).await;
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel::<()>();
     let (released_tx, released_rx) = tokio::sync::oneshot::channel::<Instant>();
-    let released_tx = std::sync::Mutex::new(Some(released_tx));
-    let released_tx = std::sync::Arc::new(released_tx);
+    let signals = std::sync::Arc::new(std::sync::Mutex::new(Some((got_tx, released_tx))));
     let silent = start_raw(move |mut stream| {
-        let released_tx = released_tx.clone();
+        let signals = signals.clone();
         async move {
             read_request_head(&mut stream).await;
+            let Some((got, released)) = signals.lock().unwrap().take() else {
+                return;
+            };
+            let _ = got.send(());
             // Never answer; note when the proxy lets go of the connection.
             let mut buf = [0u8; 64];
             while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            if let Some(tx) = released_tx.lock().unwrap().take() {
-                let _ = tx.send(Instant::now());
-            }
+            let _ = released.send(Instant::now());
         }
     })
     .await;
     let started = Instant::now();
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(get(silent.port(), "/silent").as_bytes())
+    let waiting = tokio::spawn(exchange(cuttle.addr, get(silent.port(), "/silent")));
+    // Once the upstream holds the request, others are served meanwhile.
+    tokio::time::timeout(WAIT, got_rx)
         .await
+        .expect("upstream got the request")
         .unwrap();
-    // Meanwhile, others are served.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    healthy_request(proxy.addr, origin).await;
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
-        .await
-        .expect("closed at the idle timeout");
+    healthy_request(cuttle.addr, origin).await;
+    let answer = waiting.await.unwrap();
     let elapsed = started.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(1800) && elapsed < Duration::from_secs(10),
-        "{elapsed:?}"
+    assert_eq!(answer.status, 504, "{answer:?}");
+    assert_eq!(
+        answer.squid_error.as_deref(),
+        Some("ERR_READ_TIMEOUT 0"),
+        "{answer:?}"
     );
     assert!(
-        matches!(read, Ok(_) | Err(_)) && rest.is_empty(),
-        "no response: {:?}",
-        String::from_utf8_lossy(&rest)
+        String::from_utf8_lossy(&answer.body).contains("CUTTLE_IDLE_TIMEOUT"),
+        "{answer:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1800) && elapsed < Duration::from_secs(15),
+        "{elapsed:?}"
     );
     let released = tokio::time::timeout(WAIT, released_rx)
         .await
-        .expect("upstream connection closed too")
+        .expect("upstream connection dropped")
         .unwrap();
-    assert!(released.duration_since(started) < Duration::from_secs(10));
-    assert_eq!(settle(proxy.addr, 1, 0, WAIT).await, (1, 0));
+    assert!(released.duration_since(started) < Duration::from_secs(15));
+    let series =
+        "cuttle_requests_total{decision=\"error\",kind=\"http\",reason=\"upstream_timeout\"}";
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let count = scrape(cuttle.addr).await.get(series).copied();
+        if count == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{series} = {count:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = cuttle.access_lines(2);
+    let line = lines
+        .iter()
+        .find(|l| l.contains("/silent"))
+        .unwrap_or_else(|| panic!("no access log line for /silent: {lines:?}"));
+    assert!(line.contains(" TCP_MISS/504 "), "{line}");
+    assert_eq!(settle(cuttle.addr, 1, 0, WAIT).await, (1, 0));
+}
+
+/// A request body uploaded slowly (a piece every 0.5 s for 4 s, longer than
+/// `CUTTLE_IDLE_TIMEOUT=2s`) to an origin that answers once it has read it all: every byte
+/// restarts the clock, so the answer is the origin's 200, not a 504 and not a close.
+#[tokio::test]
+async fn slow_upload_longer_than_the_idle_timeout_is_not_cut() {
+    let origin = start_origin().await;
+    let proxy = TestProxy::start(&[("CUTTLE_IDLE_TIMEOUT", "2s")]).await;
+    let pieces: Vec<Vec<u8>> = (0..8).map(|i| pattern(i * 1000, 1000)).collect();
+    let body: Vec<u8> = pieces.concat();
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST http://sts.amazonaws.com:{}/sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        origin.port(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut pace = tokio::time::interval(Duration::from_millis(500));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pace.tick().await;
+    for piece in &pieces {
+        pace.tick().await;
+        stream.write_all(piece).await.unwrap();
+    }
+    let uploading = started.elapsed();
+    assert!(uploading > Duration::from_secs(3), "{uploading:?}");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let want = format!("{} {}", body.len(), sha256_hex(&body));
+    let mut answer = vec![0u8; want.len()];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut answer))
+        .await
+        .expect("body in time")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer), want);
     proxy.stop().await;
 }
 
