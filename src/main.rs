@@ -214,6 +214,14 @@ async fn run(settings: Settings, sources: Sources) -> ExitCode {
         }
     };
     let shared = server.shared();
+    // Signal handlers and the file watch are in place before the line that says cuttle is up.
+    let shutdown = CancellationToken::new();
+    let signals = cuttle::signals::spawn_shutdown_listener(shutdown.clone())
+        .and_then(|()| cuttle::reload::spawn(shared.clone(), sources, shutdown.clone()));
+    if let Err(e) = signals {
+        eprintln!("cuttle: cannot install signal handlers: {e}");
+        return ExitCode::from(1);
+    }
     let admin = server
         .admin_addr()
         .map(|a| a.to_string())
@@ -228,13 +236,6 @@ async fn run(settings: Settings, sources: Sources) -> ExitCode {
         access_log = ?shared.settings.access_log,
         "cuttle listening"
     );
-    let shutdown = CancellationToken::new();
-    let signals = cuttle::signals::spawn_shutdown_listener(shutdown.clone())
-        .and_then(|()| cuttle::reload::spawn(shared, sources, shutdown.clone()));
-    if let Err(e) = signals {
-        eprintln!("cuttle: cannot install signal handlers: {e}");
-        return ExitCode::from(1);
-    }
     server.run(shutdown).await;
     ExitCode::SUCCESS
 }
