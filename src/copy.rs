@@ -1,28 +1,41 @@
 //! Relaying a tunnel's bytes between two TCP sockets.
 //!
+//! [`Relay`] is one hand-written future for both directions, polling socket readiness
+//! directly: an idle tunnel's relay state is a few hundred bytes, with no buffer, pipe or
+//! stored sub-future of its own.
+//!
 //! Every direction starts with a burst copy through the worker thread's scratch buffer: read
 //! what is ready, write it straight on. A tunnel that exchanges a few small messages (a TLS
-//! handshake, a request, a response) costs two system calls per message and holds no buffer or
-//! pipe of its own. When a read fills the scratch buffer the direction carries bulk data, and on
-//! Linux it moves to `splice(2)`: socket → pipe → socket through `nix`'s safe wrapper, the
-//! kernel moving pages instead of copying them twice through user space. Elsewhere the burst
-//! copy simply continues.
+//! handshake, a request, a response) costs two system calls per message. Bytes the destination
+//! cannot take at once are copied into a buffer of their own, freed once written. When a read
+//! fills the scratch buffer the direction carries bulk data, and on Linux it moves to
+//! `splice(2)`: socket → pipe → socket through `nix`'s safe wrapper, the kernel moving pages
+//! instead of copying them twice through user space. Elsewhere the burst copy continues.
 //!
 //! Each direction ends at end of stream: the write half of the other socket is shut down (the
 //! half-close is passed on) and the other direction keeps flowing until it ends too. Every
 //! transfer is counted and stamps the connection's activity clock (`CUTTLE_IDLE_TIMEOUT`).
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use tokio::net::TcpStream;
 
 use crate::idle::Activity;
 use crate::transaction::ByteCounter;
 
-/// Largest amount moved by one splice or read.
+/// Size of the scratch buffer: the most one read moves in the burst copy.
 const CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// The burst copy's buffer: one per thread, never held across a wait.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; CHUNK].into_boxed_slice());
+}
 
 /// What a direction reports as it moves bytes.
 #[derive(Clone)]
@@ -38,130 +51,191 @@ impl Meter {
     }
 }
 
-/// Relays between `client` and `upstream` until both directions have ended. Returns the bytes
-/// moved client → upstream and upstream → client.
-pub async fn relay(
-    client: &TcpStream,
-    upstream: &TcpStream,
+/// Relays between `client` and `upstream` until both directions have ended; resolves to the
+/// bytes moved client → upstream and upstream → client.
+pub fn relay<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
     up: Meter,
     down: Meter,
-) -> io::Result<(u64, u64)> {
-    tokio::try_join!(pump(client, upstream, up), pump(upstream, client, down))
+) -> Relay<'a> {
+    Relay {
+        client,
+        upstream,
+        up: Flow::new(up),
+        down: Flow::new(down),
+    }
 }
 
-/// One direction, until end of stream; then the half-close is passed on.
-async fn pump(src: &TcpStream, dst: &TcpStream, meter: Meter) -> io::Result<u64> {
-    let moved = match burst::pump(src, dst, &meter).await? {
-        burst::Ended::Eof(moved) => moved,
-        // Bulk: the rest goes through the kernel-side copy.
-        #[cfg(target_os = "linux")]
-        burst::Ended::Bulk(moved) => moved + splice::pump(src, dst, &meter).await?,
-    };
-    // The peer may already be gone; the other direction will notice.
-    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-    Ok(moved)
+/// The future of [`relay`].
+pub struct Relay<'a> {
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    up: Flow,
+    down: Flow,
 }
 
-mod burst {
-    //! The start of every direction: bytes are read into this thread's scratch buffer and
-    //! written straight on, so a tunnel that exchanges a few small messages (most of them: a
-    //! TLS handshake, a request, a response) costs two system calls per message and no pipe or
-    //! buffer of its own. A read that fills the scratch buffer means bulk data: the caller
-    //! switches to the kernel-side copy (splice) from then on.
-    //!
-    //! The scratch buffer is never held across an await, so an idle tunnel holds no buffer;
-    //! only bytes the destination cannot take at once are copied into a buffer of their own
-    //! (and freed as soon as they are written).
+impl Relay<'_> {
+    /// Bytes the client sent before the relay started: they go upstream first.
+    pub fn with_early(mut self, bytes: Vec<u8>) -> Self {
+        if !bytes.is_empty() {
+            self.up.state = State::Pending { bytes, written: 0 };
+        }
+        self
+    }
+}
 
-    use std::cell::RefCell;
-    use std::io;
+impl Future for Relay<'_> {
+    type Output = io::Result<(u64, u64)>;
 
-    use tokio::net::TcpStream;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let up = this.up.poll(this.client, this.upstream, cx)?;
+        let down = this.down.poll(this.upstream, this.client, cx)?;
+        match (up, down) {
+            (Poll::Ready(up), Poll::Ready(down)) => Poll::Ready(Ok((up, down))),
+            _ => Poll::Pending,
+        }
+    }
+}
 
-    use super::{write_all, Meter, CHUNK};
+/// One direction.
+struct Flow {
+    meter: Meter,
+    moved: u64,
+    state: State,
+}
 
-    thread_local! {
-        static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; CHUNK].into_boxed_slice());
+enum State {
+    /// Reading into the scratch buffer and writing straight on.
+    Burst,
+    /// Bytes read that the destination has not taken yet.
+    Pending { bytes: Vec<u8>, written: usize },
+    /// Bulk: through a pipe (boxed: only directions that carry bulk pay for it).
+    #[cfg(target_os = "linux")]
+    Splice(Box<splice::Pipe>),
+    /// End of stream seen and passed on.
+    Done,
+}
+
+/// The result of one burst step.
+enum Step {
+    Eof,
+    /// Read and fully written.
+    Moved(usize),
+    /// Read; only `written` bytes taken by the destination, the rest is here.
+    Partial {
+        written: usize,
+        rest: Vec<u8>,
+    },
+    NotReady,
+}
+
+impl Flow {
+    fn new(meter: Meter) -> Flow {
+        Flow {
+            meter,
+            moved: 0,
+            state: State::Burst,
+        }
     }
 
-    pub enum Ended {
-        /// End of stream after this many bytes.
-        Eof(u64),
-        /// This many bytes moved, and more are waiting: bulk transfer.
-        #[cfg(target_os = "linux")]
-        Bulk(u64),
+    fn moved(&mut self, n: usize) {
+        self.moved += n as u64;
+        self.meter.moved(n);
     }
 
-    enum Step {
-        Eof,
-        /// Read and fully written.
-        Moved(usize),
-        /// Read; only part written, the rest is here.
-        Partial(usize, Vec<u8>),
-        NotReady,
-    }
-
-    /// Reads what is ready and writes as much of it as the destination takes now.
-    fn step(src: &TcpStream, dst: &TcpStream) -> io::Result<Step> {
-        SCRATCH.with(|scratch| {
-            let mut guard = scratch.borrow_mut();
-            let buf = &mut guard[..];
-            let n = match src.try_read(buf) {
-                Ok(0) => return Ok(Step::Eof),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::NotReady),
-                Err(e) => return Err(e),
-            };
-            let mut written = 0;
-            while written < n {
-                match dst.try_write(&buf[written..n]) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(w) => written += w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Ok(Step::Partial(n, buf[written..n].to_vec()))
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(Step::Moved(n))
-        })
-    }
-
-    pub async fn pump(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<Ended> {
-        let mut total = 0u64;
+    /// Moves what can be moved now; ready with the total once the direction has ended.
+    fn poll(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<u64>> {
         loop {
-            src.readable().await?;
-            let n = match step(src, dst)? {
-                Step::NotReady => continue,
-                Step::Eof => return Ok(Ended::Eof(total)),
-                Step::Moved(n) => n,
-                Step::Partial(n, rest) => {
-                    write_all(dst, &rest).await?;
-                    n
+            match &mut self.state {
+                State::Done => return Poll::Ready(Ok(self.moved)),
+                State::Burst => {
+                    ready!(src.poll_read_ready(cx))?;
+                    match burst(src, dst)? {
+                        Step::NotReady => {}
+                        Step::Eof => self.finish(dst),
+                        Step::Moved(n) => {
+                            self.moved(n);
+                            #[cfg(target_os = "linux")]
+                            if n == CHUNK {
+                                self.state = State::Splice(Box::default());
+                            }
+                        }
+                        Step::Partial { written, rest } => {
+                            self.moved(written);
+                            self.state = State::Pending {
+                                bytes: rest,
+                                written: 0,
+                            };
+                        }
+                    }
                 }
-            };
-            total += n as u64;
-            meter.moved(n);
-            #[cfg(target_os = "linux")]
-            if n == CHUNK {
-                return Ok(Ended::Bulk(total));
+                State::Pending { bytes, written } => {
+                    ready!(dst.poll_write_ready(cx))?;
+                    match dst.try_write(&bytes[*written..]) {
+                        Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => {
+                            *written += n;
+                            if *written == bytes.len() {
+                                let total = bytes.len();
+                                self.state = State::Burst;
+                                self.moved(total);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                #[cfg(target_os = "linux")]
+                State::Splice(pipe) => {
+                    ready!(pipe.poll(src, dst, cx, &self.meter, &mut self.moved))?;
+                    self.finish(dst);
+                }
             }
         }
     }
+
+    /// End of stream: the half-close is passed on (the peer may already be gone; the other
+    /// direction will notice).
+    fn finish(&mut self, dst: &TcpStream) {
+        let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+        self.state = State::Done;
+    }
 }
 
-/// Writes all of `bytes` to `dst` (data that arrived before the relay started).
-pub async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+/// Reads what is ready into the scratch buffer and writes as much of it as `dst` takes now.
+fn burst(src: &TcpStream, dst: &TcpStream) -> io::Result<Step> {
+    SCRATCH.with(|scratch| {
+        let mut guard = scratch.borrow_mut();
+        let buf = &mut guard[..];
+        let n = match src.try_read(buf) {
+            Ok(0) => return Ok(Step::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::NotReady),
             Err(e) => return Err(e),
+        };
+        let mut written = 0;
+        while written < n {
+            match dst.try_write(&buf[written..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => written += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Step::Partial {
+                        written,
+                        rest: buf[written..n].to_vec(),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
         }
-    }
-    Ok(())
+        Ok(Step::Moved(n))
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -170,6 +244,7 @@ mod splice {
 
     use std::io;
     use std::os::fd::OwnedFd;
+    use std::task::{Context, Poll};
 
     use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
     use tokio::io::Interest;
@@ -181,66 +256,87 @@ mod splice {
         SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
     }
 
-    /// Pipe size once a direction turns out to carry bulk data (`/proc/sys/fs/pipe-max-size`
-    /// is 1 MiB by default): 16 times fewer splices per byte than the default 64 KiB pipe.
+    /// Pipe size asked for (`/proc/sys/fs/pipe-max-size` is 1 MiB by default): 16 times fewer
+    /// splices per byte than the default 64 KiB pipe.
     const BULK_PIPE: usize = 1024 * 1024;
 
-    /// Moves bytes src → pipe → dst, reading while earlier bytes are still being written, so
-    /// that neither socket waits on the other. The pipe is created here, once the direction
-    /// has shown bulk data.
-    pub async fn pump(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<u64> {
-        let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
-        let mut capacity = CHUNK;
-        let mut pending = 0usize;
-        let mut eof = false;
-        let mut total = 0u64;
-        loop {
-            if eof && pending == 0 {
-                return Ok(total);
+    /// One direction's pipe, created on first use.
+    #[derive(Default)]
+    pub struct Pipe {
+        fds: Option<(OwnedFd, OwnedFd)>,
+        capacity: usize,
+        /// Bytes in the pipe, not yet written to the destination.
+        pending: usize,
+        eof: bool,
+    }
+
+    impl Pipe {
+        /// Moves bytes src → pipe → dst, reading while earlier bytes are still being written,
+        /// so neither socket waits on the other. Ready at end of stream, once the pipe is empty.
+        pub fn poll(
+            &mut self,
+            src: &TcpStream,
+            dst: &TcpStream,
+            cx: &mut Context<'_>,
+            meter: &Meter,
+            moved: &mut u64,
+        ) -> Poll<io::Result<()>> {
+            if self.fds.is_none() {
+                let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+                // Best effort: a limit on pipe memory just keeps the default size.
+                self.capacity = fcntl(&write, FcntlArg::F_SETPIPE_SZ(BULK_PIPE as i32))
+                    .ok()
+                    .and_then(|size| usize::try_from(size).ok())
+                    .unwrap_or(CHUNK)
+                    .max(CHUNK);
+                self.fds = Some((read, write));
             }
-            let room = !eof && pending < capacity;
-            tokio::select! {
-                ready = src.readable(), if room => {
-                    ready?;
-                    // Created on first data: an idle direction holds no pipe.
-                    if pipe.is_none() {
-                        pipe = Some(nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?);
-                    }
-                    let Some((_, pipe_w)) = &pipe else { continue };
-                    // The pipe has room for what is asked, so WouldBlock means no data.
-                    match src.try_io(Interest::READABLE, || {
-                        splice(src, None, pipe_w, None, capacity - pending, flags()).map_err(io::Error::from)
-                    }) {
-                        Ok(0) => eof = true,
-                        Ok(n) => {
-                            pending += n;
-                            // A full pipe means bulk transfer: grow it once (best effort; a
-                            // limit on pipe memory just keeps the default size).
-                            if pending == capacity && capacity < BULK_PIPE {
-                                if let Ok(size) = fcntl(pipe_w, FcntlArg::F_SETPIPE_SZ(BULK_PIPE as i32)) {
-                                    capacity = usize::try_from(size).unwrap_or(CHUNK).max(CHUNK);
-                                }
-                            }
+            let Some((pipe_r, pipe_w)) = &self.fds else {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            };
+            loop {
+                if self.eof && self.pending == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                // Anything done (or a readiness that turned out stale) means look again: a
+                // wait is only registered by a readiness poll that returns Pending.
+                let mut again = false;
+                if !self.eof && self.pending < self.capacity {
+                    if let Poll::Ready(ready) = src.poll_read_ready(cx) {
+                        ready?;
+                        again = true;
+                        let room = self.capacity - self.pending;
+                        match src.try_io(Interest::READABLE, || {
+                            splice(src, None, pipe_w, None, room, flags()).map_err(io::Error::from)
+                        }) {
+                            Ok(0) => self.eof = true,
+                            Ok(n) => self.pending += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Poll::Ready(Err(e)),
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
                     }
                 }
-                ready = dst.writable(), if pending > 0 => {
-                    ready?;
-                    let Some((pipe_r, _)) = &pipe else { continue };
-                    match dst.try_io(Interest::WRITABLE, || {
-                        splice(pipe_r, None, dst, None, pending, flags()).map_err(io::Error::from)
-                    }) {
-                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                        Ok(n) => {
-                            pending -= n;
-                            total += n as u64;
-                            meter.moved(n);
+                if self.pending > 0 {
+                    if let Poll::Ready(ready) = dst.poll_write_ready(cx) {
+                        ready?;
+                        again = true;
+                        match dst.try_io(Interest::WRITABLE, || {
+                            splice(pipe_r, None, dst, None, self.pending, flags())
+                                .map_err(io::Error::from)
+                        }) {
+                            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                            Ok(n) => {
+                                self.pending -= n;
+                                *moved += n as u64;
+                                meter.moved(n);
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Poll::Ready(Err(e)),
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
                     }
+                }
+                if !again {
+                    return Poll::Pending;
                 }
             }
         }

@@ -19,7 +19,6 @@ use crate::error::ProxyError;
 use crate::metrics::Direction;
 use crate::policy::Target;
 use crate::proxy::{full, Body};
-use crate::resolve::Upstream;
 use crate::server::{ActiveGuard, ClientIo, Conn};
 use crate::sni;
 use crate::transaction::{CountedIo, Transaction};
@@ -33,6 +32,7 @@ pub async fn open(
 ) -> Result<Response<Body>, ProxyError> {
     let upstream = conn.shared.dialer.connect(&target).await?;
     tx.upstream(upstream.addr, Some((upstream.dns, upstream.connect)));
+    let upstream = upstream.stream;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnel_conn = conn.clone();
     let tx = tx.clone();
@@ -42,15 +42,7 @@ pub async fn open(
                 let mut upstream = upstream;
                 let mut client = TokioIo::new(upgraded);
                 // CUTTLE_SNI_CHECK: the ClientHello is judged before a byte goes upstream.
-                if sni::screen(
-                    &tunnel_conn,
-                    &mut client,
-                    &mut upstream.stream,
-                    &target,
-                    &tx,
-                )
-                .await
-                {
+                if sni::screen(&tunnel_conn, &mut client, &mut upstream, &target, &tx).await {
                     relay(tunnel_conn, client.into_inner(), upstream, target, tx).await;
                 }
             }
@@ -64,18 +56,20 @@ pub async fn open(
     Ok(response)
 }
 
-/// Relays between the client and the upstream. The client's raw socket is taken back from
-/// hyper so that [`copy::relay`] can move bytes socket to socket; bytes the client sent before
-/// the upgrade completed go first.
-async fn copy_both_ways(
-    conn: &Conn,
+/// Relays between the client and the upstream until both directions finish, the tunnel is
+/// idle for `CUTTLE_IDLE_TIMEOUT`, or the drain deadline passes. The client's raw socket is
+/// taken back from hyper so that [`copy::relay`] can move bytes socket to socket; bytes the
+/// client sent before the upgrade completed go first.
+async fn relay(
+    conn: Arc<Conn>,
     upgraded: Upgraded,
     upstream: TcpStream,
-    tx: &Transaction,
-) -> io::Result<(u64, u64)> {
-    match upgraded.downcast::<ClientIo>() {
-        Ok(parts) => {
-            let client = parts.io.into_inner().into_inner().into_inner();
+    target: Target,
+    tx: Transaction,
+) {
+    let _active = ActiveGuard::new(&conn.shared.observer.metrics.tunnels_active);
+    let result = match take_socket(upgraded) {
+        Ok((client, early)) => {
             let up = Meter {
                 counter: tx.counter(Direction::ClientToUpstream),
                 activity: conn.activity.clone(),
@@ -84,38 +78,56 @@ async fn copy_both_ways(
                 counter: tx.counter(Direction::UpstreamToClient),
                 activity: conn.activity.clone(),
             };
-            if !parts.read_buf.is_empty() {
-                copy::write_all(&upstream, &parts.read_buf).await?;
-                up.counter.add(parts.read_buf.len());
-            }
-            copy::relay(&client, &upstream, up, down).await
+            let copy = copy::relay(&client, &upstream, up, down).with_early(early);
+            tokio::pin!(copy);
+            watch(&conn, copy).await
         }
-        // Not a plain socket (never the case for the listeners cuttle opens): copy through hyper.
+        // Not a plain socket (never the case for the listeners cuttle opens): copy through
+        // hyper. Boxed, so this path takes no room in every tunnel's state.
         Err(upgraded) => {
-            let mut client = TokioIo::new(upgraded);
-            let mut upstream = CountedIo::new(upstream, tx);
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            let tx = tx.clone();
+            let mut copy = Box::pin(async move {
+                let mut client = TokioIo::new(upgraded);
+                let mut upstream = CountedIo::new(upstream, &tx);
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            });
+            watch(&conn, copy.as_mut()).await
         }
+    };
+    match result {
+        Ended::Copied(Ok((up, down))) => tracing::debug!(%target, up, down, "tunnel closed"),
+        Ended::Copied(Err(e)) => tracing::debug!(%target, error = %e, "tunnel failed"),
+        Ended::Idle => tracing::debug!(%target, "tunnel idle timeout"),
+        Ended::Drained => tracing::debug!(%target, "tunnel closed at drain deadline"),
     }
 }
 
-/// Copies until both directions finish, the tunnel is idle for `CUTTLE_IDLE_TIMEOUT`, or the
-/// drain deadline passes.
-async fn relay(
-    conn: Arc<Conn>,
-    upgraded: Upgraded,
-    upstream: Upstream,
-    target: Target,
-    tx: Transaction,
-) {
-    let _active = ActiveGuard::new(&conn.shared.observer.metrics.tunnels_active);
-    let idle_timeout = conn.shared.settings.idle_timeout;
+/// The client's socket as hyper accepted it, and the bytes hyper had already read from it;
+/// taken apart at once, so neither hyper's wrappers nor its read buffer (which even empty bytes
+/// keep alive) stay in the tunnel's state for its lifetime.
+fn take_socket(upgraded: Upgraded) -> Result<(TcpStream, Vec<u8>), Upgraded> {
+    let parts = upgraded.downcast::<ClientIo>()?;
+    let early = parts.read_buf.to_vec();
+    Ok((parts.io.into_inner().into_inner().into_inner(), early))
+}
+
+/// How a tunnel ended.
+enum Ended {
+    Copied(io::Result<(u64, u64)>),
+    Idle,
+    Drained,
+}
+
+/// Runs `copy` until it ends, the connection is idle for `CUTTLE_IDLE_TIMEOUT`, or the drain
+/// deadline passes. `copy` is borrowed, pinned where the caller keeps it: moved in, it would
+/// be stored twice in this future's state.
+async fn watch<F>(conn: &Conn, copy: std::pin::Pin<&mut F>) -> Ended
+where
+    F: std::future::Future<Output = io::Result<(u64, u64)>> + ?Sized,
+{
     tokio::select! {
-        result = copy_both_ways(&conn, upgraded, upstream.stream, &tx) => match result {
-            Ok((up, down)) => tracing::debug!(%target, up, down, "tunnel closed"),
-            Err(e) => tracing::debug!(%target, error = %e, "tunnel failed"),
-        },
-        _ = conn.activity.idle(idle_timeout) => tracing::debug!(%target, "tunnel idle timeout"),
-        _ = conn.shared.hard_stop.cancelled() => tracing::debug!(%target, "tunnel closed at drain deadline"),
+        result = copy => Ended::Copied(result),
+        _ = conn.activity.idle(conn.shared.settings.idle_timeout) => Ended::Idle,
+        _ = conn.shared.hard_stop.cancelled() => Ended::Drained,
     }
 }

@@ -182,3 +182,23 @@ async fn half_close_keeps_the_other_direction_open() {
     server.await.unwrap();
     proxy.stop().await;
 }
+
+/// Bytes the client sends in the same write as its CONNECT (before the 200 arrives) reach the
+/// upstream first and intact, followed by the rest of the stream.
+#[tokio::test]
+async fn bytes_sent_with_the_connect_go_first() {
+    let echo = start_echo().await;
+    let proxy = TestProxy::start(&[]).await;
+    let target = format!("sts.amazonaws.com:{}", echo.port());
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nearly bytes|");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let back = echo_through(stream, b"after the 200".to_vec()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&back),
+        "early bytes|after the 200",
+        "echoed in order"
+    );
+}
