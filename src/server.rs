@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -92,6 +92,8 @@ pub struct Conn {
     /// This connection's place under `CUTTLE_MAX_CONNECTIONS`, held until the connection and
     /// any tunnel over it are gone.
     _permit: OwnedSemaphorePermit,
+    /// This connection's place in its worker's load, for [`Balance`].
+    _load: Option<Load>,
 }
 
 /// A bound, ready server.
@@ -211,8 +213,9 @@ impl Server {
                 limit: limit.clone(),
                 upstream,
                 drain: admin_stop.clone(),
+                worker: None,
             };
-            tokio::spawn(accept_loop(admin, with, admin_stop.clone()))
+            tokio::spawn(accept_loop(admin, with, None, admin_stop.clone()))
         });
 
         // The workers accept until the shutdown; they end when this future ends, however it
@@ -275,7 +278,9 @@ impl Workers {
         };
         let listener = listener.into_std().map_err(StartError::Workers)?;
         let mut ready = Vec::new();
-        for index in 0..shared.settings.worker_count() {
+        let count = shared.settings.worker_count();
+        let (balance, receivers) = Balance::new(count);
+        for (index, handovers) in receivers.into_iter().enumerate() {
             let socket = listener.try_clone().map_err(StartError::Workers)?;
             let with = Accepting {
                 admin: false,
@@ -283,11 +288,14 @@ impl Workers {
                 limit: limit.clone(),
                 upstream: forward::client(shared.dialer.clone(), shared.settings.idle_timeout),
                 drain: stop.clone(),
+                worker: Some((balance.clone(), index)),
             };
-            let accept =
-                workers
-                    .accepting
-                    .track_future(accept_loop_std(socket, with, stop.clone()));
+            let accept = workers.accepting.track_future(accept_loop_std(
+                socket,
+                with,
+                handovers,
+                stop.clone(),
+            ));
             let (started, is_ready) = tokio::sync::oneshot::channel::<io::Result<()>>();
             ready.push(is_ready);
             let exit = workers.exit.clone();
@@ -340,9 +348,14 @@ impl Workers {
 }
 
 /// [`accept_loop`] on a socket handed over from another runtime (registered with this one).
-async fn accept_loop_std(socket: std::net::TcpListener, with: Accepting, stop: CancellationToken) {
+async fn accept_loop_std(
+    socket: std::net::TcpListener,
+    with: Accepting,
+    handovers: mpsc::UnboundedReceiver<Handover>,
+    stop: CancellationToken,
+) {
     match TcpListener::from_std(socket) {
-        Ok(listener) => accept_loop(listener, with, stop).await,
+        Ok(listener) => accept_loop(listener, with, Some(handovers), stop).await,
         Err(e) => tracing::error!(error = %e, "a worker cannot accept"),
     }
 }
@@ -377,14 +390,89 @@ struct Accepting {
     upstream: UpstreamClient,
     /// Tells the connection to finish gracefully.
     drain: CancellationToken,
+    /// For a worker: the balance between workers and this worker's place in it.
+    worker: Option<(Arc<Balance>, usize)>,
+}
+
+/// Keeps the workers evenly loaded. Each worker accepts from the shared socket, and the kernel
+/// wakes whichever is idle, so a burst of connections (a load balancer reconnecting, a client
+/// pool starting) can land mostly on one; with no work stealing between threads, that worker
+/// would carry them for their lifetime. A worker that accepts a connection while it serves
+/// more than one more than the least busy worker hands the connection over to that one.
+struct Balance {
+    /// Connections each worker serves.
+    loads: Box<[AtomicUsize]>,
+    /// Each worker's queue of connections handed over to it.
+    queues: Box<[mpsc::UnboundedSender<Handover>]>,
+}
+
+impl Balance {
+    fn new(count: usize) -> (Arc<Balance>, Vec<mpsc::UnboundedReceiver<Handover>>) {
+        let (queues, receivers): (Vec<_>, Vec<_>) =
+            (0..count).map(|_| mpsc::unbounded_channel()).unzip();
+        let balance = Balance {
+            loads: (0..count).map(|_| AtomicUsize::new(0)).collect(),
+            queues: queues.into_boxed_slice(),
+        };
+        (Arc::new(balance), receivers)
+    }
+
+    /// The worker to serve a connection accepted by worker `me`, with its place taken.
+    fn pick(self: &Arc<Self>, me: usize) -> Load {
+        let load = |i: usize| self.loads[i].load(Ordering::Relaxed);
+        let least = (0..self.loads.len()).min_by_key(|&i| load(i)).unwrap_or(me);
+        let index = if load(me) > load(least) + 1 {
+            least
+        } else {
+            me
+        };
+        self.loads[index].fetch_add(1, Ordering::Relaxed);
+        Load {
+            balance: self.clone(),
+            index,
+        }
+    }
+}
+
+/// One connection counted in a worker's load while alive.
+struct Load {
+    balance: Arc<Balance>,
+    index: usize,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.balance.loads[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection accepted by one worker, to be served by another.
+struct Handover {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    active: ActiveGuard,
+    permit: OwnedSemaphorePermit,
+    load: Load,
 }
 
 /// Accepts until `stop` fires; each connection is served on the tracker and told to finish
-/// gracefully when `drain` fires.
-async fn accept_loop(listener: TcpListener, with: Accepting, stop: CancellationToken) {
+/// gracefully when `drain` fires. A worker also serves the connections handed over to it.
+async fn accept_loop(
+    listener: TcpListener,
+    with: Accepting,
+    mut handovers: Option<mpsc::UnboundedReceiver<Handover>>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
+            Some(handover) = recv(&mut handovers) => {
+                match TcpStream::from_std(handover.stream) {
+                    Ok(stream) => serve(stream, handover.peer, &with, handover.active, handover.permit, Some(handover.load)),
+                    Err(e) => tracing::warn!(error = %e, "cannot take over a connection"),
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -405,10 +493,67 @@ async fn accept_loop(listener: TcpListener, with: Accepting, stop: CancellationT
             continue;
         };
         let active = ActiveGuard::new(&metrics.connections_active);
-        let span = tracing::debug_span!("conn", client = tracing::field::Empty);
-        let start = start_connection(stream, peer, with.clone(), active, permit);
-        shared.tracker.spawn(start.instrument(span));
+        let Some((balance, me)) = &with.worker else {
+            serve(stream, peer, &with, active, permit, None);
+            continue;
+        };
+        let load = balance.pick(*me);
+        if load.index == *me {
+            serve(stream, peer, &with, active, permit, Some(load));
+            continue;
+        }
+        let target = load.index;
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand over a connection");
+                continue;
+            }
+        };
+        let handover = Handover {
+            stream,
+            peer,
+            active,
+            permit,
+            load,
+        };
+        // The other worker is gone (shutting down): serve it here after all.
+        if let Err(mpsc::error::SendError(handover)) = balance.queues[target].send(handover) {
+            if let Ok(stream) = TcpStream::from_std(handover.stream) {
+                let load = balance.pick(*me);
+                serve(
+                    stream,
+                    peer,
+                    &with,
+                    handover.active,
+                    handover.permit,
+                    Some(load),
+                );
+            }
+        }
     }
+}
+
+/// The next connection handed over, if this loop takes any.
+async fn recv(handovers: &mut Option<mpsc::UnboundedReceiver<Handover>>) -> Option<Handover> {
+    match handovers {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves `stream` on this thread.
+fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    with: &Accepting,
+    active: ActiveGuard,
+    permit: OwnedSemaphorePermit,
+    load: Option<Load>,
+) {
+    let span = tracing::debug_span!("conn", client = tracing::field::Empty);
+    let start = start_connection(stream, peer, with.clone(), active, permit, load);
+    with.shared.tracker.spawn(start.instrument(span));
 }
 
 /// Settles who the client is (the peer, or the address in its PROXY protocol header on the
@@ -419,6 +564,7 @@ async fn start_connection(
     with: Accepting,
     active: ActiveGuard,
     permit: OwnedSemaphorePermit,
+    load: Option<Load>,
 ) {
     let Accepting {
         admin,
@@ -445,6 +591,7 @@ async fn start_connection(
         admin,
         _active: active,
         _permit: permit,
+        _load: load,
     };
     serve_connection(stream, Arc::new(conn), drain).await;
 }
@@ -525,5 +672,37 @@ async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, drain: Cancellatio
             }
             _ = conn.shared.hard_stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker keeps what it accepts while within one connection of the least busy worker;
+    /// past that, the least busy one gets it. Places are given back when dropped.
+    #[test]
+    fn balance_hands_over_only_past_one_connection() {
+        let (balance, _queues) = Balance::new(3);
+        let first = balance.pick(0);
+        let second = balance.pick(0);
+        assert_eq!((first.index, second.index), (0, 0), "within one: kept");
+        let third = balance.pick(0);
+        assert_eq!(third.index, 1, "worker 0 has 2, the others 0: handed over");
+        let fourth = balance.pick(0);
+        assert_eq!(fourth.index, 2);
+        let fifth = balance.pick(1);
+        assert_eq!(fifth.index, 1, "worker 1 has 1, the least has 1: kept");
+        drop((first, second));
+        let sixth = balance.pick(1);
+        assert_eq!(sixth.index, 0, "worker 1 has 2, worker 0 none: handed over");
+        let loads: Vec<usize> = balance
+            .loads
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(loads, [1, 2, 1]);
+        drop((third, fourth, fifth, sixth));
+        assert!(balance.loads.iter().all(|l| l.load(Ordering::Relaxed) == 0));
     }
 }
