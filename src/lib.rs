@@ -18,13 +18,13 @@
 //! | [`guard`] | the destination address guard (metadata service, loopback, link-local, ...) |
 //! | [`policy`] | request targets and the decision over (client, request) |
 //! | [`resolve`] | hosts file, async DNS with cache, dialling guarded addresses only |
-//! | [`server`] | listeners, accept loop, connection limit, per-connection tasks, drain |
+//! | [`server`] | listeners, worker threads (a single-threaded runtime each) and their balance, accept loops, connection limit, per-connection tasks, drain |
 //! | [`framing`] | the request framing watch: `Content-Length` with `Transfer-Encoding` is refused |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted load balancers: the real client address |
 //! | [`proxy`] | the request path: classify, decide, then tunnel / forward / local |
 //! | [`tunnel`] | `CONNECT` |
 //! | [`sni`] | the TLS SNI check on tunnels: ClientHello `server_name` against the CONNECT host or the allowlist |
-//! | [`copy`] | tunnel byte relay: splice(2) through lazily created pipes on Linux |
+//! | [`copy`] | tunnel byte relay: one readiness-polling future, burst copy through a per-thread buffer, splice(2) for bulk on Linux |
 //! | [`forward`] | plain HTTP forwarding over a pooled client |
 //! | [`local`] | `/healthz`, `/metrics` |
 //! | [`metrics`] | the Prometheus registry, typed handles, closed label enums |

@@ -1,5 +1,5 @@
 //! The request path: check the client, classify the request, ask the policy, then tunnel,
-//! forward or answer locally. [`route`] is the whole story on one screen; each step returns
+//! forward or answer locally. `route` is the whole story on one screen; each step returns
 //! `Result<_, ProxyError>` and [`ProxyError::into_response`] is the only place errors become
 //! responses. Every request is one [`Transaction`], reported when its response ends.
 

@@ -1,7 +1,9 @@
-//! The accept loop, per-connection tasks, and the drain on shutdown.
+//! The worker threads, accept loops, per-connection tasks, and the drain on shutdown.
 //!
-//! [`Server::bind`] turns [`Settings`] into listening sockets and the shared state;
-//! [`Server::run`] serves until the shutdown token fires, then drains: the proxy listener
+//! [`Server::bind`] turns [`Settings`] into listening sockets and the shared state, and starts
+//! the workers: `CUTTLE_WORKERS` threads, each a single-threaded runtime with its own accept
+//! loop and upstream pool, kept evenly loaded by `Balance`. The admin listener, the access
+//! log writer, signals and reload run on the main thread. [`Server::run`] serves until the shutdown token fires, then drains: the proxy listener
 //! closes, `/healthz` answers 503 (on the admin listener, which stays up through the drain),
 //! keep-alive connections are told to close after their current request, open tunnels get
 //! `SHUTDOWN_LIFETIME` to finish, and whatever is left then is closed.
