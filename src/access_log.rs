@@ -78,13 +78,18 @@ impl Record {
 
     /// The line in Squid's native format (no newline).
     pub fn squid_line(&self) -> String {
+        let mut line = String::with_capacity(160);
+        self.write_squid_line(&mut line);
+        line
+    }
+
+    /// Appends the Squid line to `out`, formatting straight into it (the writer reuses one
+    /// buffer for every line).
+    pub fn write_squid_line(&self, out: &mut String) {
         let since_epoch = self.end.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let (hierarchy, peer) = match self.upstream {
-            Some(addr) => ("HIER_DIRECT", addr.ip().to_string()),
-            None => ("HIER_NONE", "-".to_string()),
-        };
-        format!(
-            "{}.{:03} {:>6} {} {}/{:03} {} {} {} - {}/{} {}",
+        let _ = write!(
+            out,
+            "{}.{:03} {:>6} {} {}/{:03} {} {} {} - ",
             since_epoch.as_secs(),
             since_epoch.subsec_millis(),
             self.duration.as_millis(),
@@ -94,10 +99,12 @@ impl Record {
             self.bytes_down,
             self.method,
             self.url,
-            hierarchy,
-            peer,
-            media_type(self.content_type.as_deref()),
-        )
+        );
+        let _ = match self.upstream {
+            Some(addr) => write!(out, "HIER_DIRECT/{}", addr.ip()),
+            None => write!(out, "HIER_NONE/-"),
+        };
+        let _ = write!(out, " {}", media_type(self.content_type.as_deref()));
     }
 
     /// The line as one JSON object (no newline).
@@ -153,6 +160,9 @@ pub struct AccessLog {
     /// Asks the writer to write at once (shutdown), with a reply when done.
     flushes: Option<mpsc::Sender<oneshot::Sender<()>>>,
     dropped: IntCounter,
+    /// Lines carry the rule that allowed the request (JSON); the Squid line does not, so its
+    /// text is not even built.
+    with_rule: bool,
 }
 
 /// How often the writer takes what was queued. Requests never wake it: a cross-thread wake-up
@@ -170,6 +180,7 @@ impl AccessLog {
                 queue: None,
                 flushes: None,
                 dropped,
+                with_rule: false,
             };
         }
         let queue = Arc::new(Queue {
@@ -186,7 +197,13 @@ impl AccessLog {
             queue: Some(queue),
             flushes: Some(flushes),
             dropped,
+            with_rule: format == AccessLogFormat::Json,
         }
+    }
+
+    /// Whether lines show the rule that allowed a request (only then is its text built).
+    pub fn with_rule(&self) -> bool {
+        self.with_rule
     }
 
     /// Queues a record; drops (and counts) it if the writer is behind.
@@ -239,11 +256,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         );
         for record in batch.drain(..) {
             line.clear();
-            let text = match format {
-                AccessLogFormat::Json => record.json_line(),
-                _ => record.squid_line(),
-            };
-            let _ = writeln!(line, "{text}");
+            match format {
+                AccessLogFormat::Json => line.push_str(&record.json_line()),
+                _ => record.write_squid_line(&mut line),
+            }
+            line.push('\n');
             if !broken {
                 if let Err(e) = out.write_all(line.as_bytes()).await {
                     tracing::warn!(error = %e, "access log output failed; lines are discarded from now on");

@@ -129,7 +129,8 @@ impl Transaction {
         };
         let text = match rule {
             Rule::Local => None,
-            rule => Some(rule.to_string()),
+            rule if self.0.observer.access_log.with_rule() => Some(rule.to_string()),
+            _ => None,
         };
         self.with(|s| {
             s.outcome = Outcome::Allowed;
