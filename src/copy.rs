@@ -365,30 +365,7 @@ mod tests {
     async fn relays_both_ways_with_half_close() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, mut upstream) = pair().await;
-        let metrics = Arc::new(Metrics::new());
-        let observer = Arc::new(Observer {
-            access_log: crate::access_log::AccessLog::start(
-                crate::settings::AccessLogFormat::Off,
-                tokio::io::sink(),
-                metrics.access_log_dropped.clone(),
-            ),
-            metrics: metrics.clone(),
-        });
-        let tx = Transaction::begin(
-            observer,
-            crate::client_acl::ClientAddr::new("127.0.0.1:1".parse().unwrap()),
-            &http::Method::CONNECT,
-            "x:1".into(),
-        );
-        let activity = Activity::new();
-        let up = Meter {
-            counter: tx.counter(Direction::ClientToUpstream),
-            activity: activity.clone(),
-        };
-        let down = Meter {
-            counter: tx.counter(Direction::UpstreamToClient),
-            activity,
-        };
+        let (up, down) = meters();
         let relay =
             tokio::spawn(async move { relay(&proxy_client, &proxy_upstream, up, down).await });
 
@@ -462,25 +439,22 @@ mod tests {
     }
 
     fn meters() -> (Meter, Meter) {
+        let metrics = Arc::new(Metrics::new());
+        let observer = Arc::new(Observer {
+            access_log: crate::access_log::AccessLog::start(
+                crate::settings::AccessLogFormat::Off,
+                tokio::io::sink(),
+                metrics.access_log_dropped.clone(),
+            ),
+            metrics,
+        });
+        let tx = Transaction::begin(
+            observer,
+            crate::client_acl::ClientAddr::new("127.0.0.1:1".parse().unwrap()),
+            &http::Method::CONNECT,
+            "x:1".into(),
+        );
         let activity = Activity::new();
-        let counter = || {
-            let metrics = Arc::new(Metrics::new());
-            let observer = Arc::new(Observer {
-                access_log: crate::access_log::AccessLog::start(
-                    crate::settings::AccessLogFormat::Off,
-                    tokio::io::sink(),
-                    metrics.access_log_dropped.clone(),
-                ),
-                metrics,
-            });
-            Transaction::begin(
-                observer,
-                crate::client_acl::ClientAddr::new("127.0.0.1:1".parse().unwrap()),
-                &http::Method::CONNECT,
-                "x:1".into(),
-            )
-        };
-        let tx = counter();
         (
             Meter {
                 counter: tx.counter(Direction::ClientToUpstream),

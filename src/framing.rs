@@ -6,7 +6,8 @@
 //! request path cannot tell. Such a message is the raw material of request smuggling, and RFC
 //! 9112 §6.1 lets a server refuse it: cuttle answers 400 and closes, and forwards nothing.
 //!
-//! [`FramingIo`] wraps the client socket and follows the raw request bytes as hyper reads them:
+//! A [`Watch`] sees the client socket's bytes as hyper reads them (`crate::server::ClientStream`)
+//! and follows the raw request:
 //! a head, then a body framed by `Content-Length` (skipped by counting) or chunked (a small
 //! state machine over the size lines, chunk data skipped by counting), then the next head.
 //! Each complete head is parsed with `httparse`, the parser hyper uses, with the same settings,
@@ -22,16 +23,11 @@
 //! the watch is unsure of is never refused by it. After a `CONNECT` or `Upgrade` the watch goes
 //! on as if the connection stayed HTTP; once hyper hands the connection over, no further request
 //! is ever served on it, so whatever the watch makes of tunnel bytes is never consulted (and
-//! the splice relay takes the socket out of the wrapper anyway).
+//! the splice relay takes the socket out of hyper's hands anyway).
 
-use std::io;
 use std::mem::MaybeUninit;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// hyper's default limit on header fields in a request head (`DEFAULT_MAX_HEADERS`); a head
 /// with more is refused by hyper, and the watch stops.
@@ -66,7 +62,7 @@ impl Verdicts {
     /// in the order hyper hands them over.
     pub fn next_is_ambiguous(&self) -> bool {
         let index = self.served.fetch_add(1, Ordering::Relaxed);
-        // hyper parses a head only after reading it through the wrapper, so the verdict on
+        // hyper parses a head only after reading it through the watch, so the verdict on
         // this index is already final.
         self.ambiguous.load(Ordering::Acquire) == index
     }
@@ -76,78 +72,33 @@ impl Verdicts {
     }
 }
 
-// === impl FramingIo ===
+// === impl Watch ===
 
-/// The client socket, with the framing watch on what is read from it.
+/// One connection's watch: its tracker, and where it reports.
 #[derive(Debug)]
-pub struct FramingIo<T> {
-    inner: T,
+pub struct Watch {
     tracker: Tracker,
     verdicts: Arc<Verdicts>,
 }
 
-impl<T> FramingIo<T> {
-    /// Watches `inner`; a head longer than `max_head` bytes ends the watch (hyper refuses it).
-    pub fn new(inner: T, verdicts: Arc<Verdicts>, max_head: usize) -> Self {
-        FramingIo {
-            inner,
+impl Watch {
+    /// Reports to `verdicts`; a head longer than `max_head` bytes ends the watch (hyper
+    /// refuses it).
+    pub fn new(verdicts: Arc<Verdicts>, max_head: usize) -> Watch {
+        Watch {
             tracker: Tracker::new(max_head),
             verdicts,
         }
     }
 
-    /// The wrapped stream (the tunnel relay takes the socket back).
-    pub fn into_inner(self) -> T {
-        self.inner
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for FramingIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.tracker.watching() && buf.filled().len() > before {
-            this.tracker.feed(&buf.filled()[before..]);
-            if let Some(index) = this.tracker.ambiguous() {
-                this.verdicts.flag(index);
+    /// Follows bytes just read from the client (see `crate::server::ClientStream`).
+    pub fn saw(&mut self, bytes: &[u8]) {
+        if self.tracker.watching() {
+            self.tracker.feed(bytes);
+            if let Some(index) = self.tracker.ambiguous() {
+                self.verdicts.flag(index);
             }
         }
-        poll
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for FramingIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -673,7 +624,7 @@ mod tests {
     /// and the verdict of the watch on it.
     type Served = (String, bool, bool);
 
-    /// Serves `stream`, cut into reads at `cuts`, with hyper over a [`FramingIo`]; returns the
+    /// Serves `stream`, cut into reads at `cuts`, with hyper over a watched stream; returns the
     /// requests in the order served.
     fn serve_with_hyper(stream: &[u8], cuts: &[usize]) -> Vec<Served> {
         use http_body_util::BodyExt;
@@ -686,7 +637,11 @@ mod tests {
             let (mut client, server) = tokio::io::duplex(1 << 16);
             let verdicts = Verdicts::new();
             let served = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let io = hyper_util::rt::TokioIo::new(FramingIo::new(server, verdicts.clone(), MAX));
+            let io = hyper_util::rt::TokioIo::new(crate::server::ClientStream::new(
+                server,
+                crate::idle::Activity::new(),
+                Watch::new(verdicts.clone(), MAX),
+            ));
             let service_served = served.clone();
             let service =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {

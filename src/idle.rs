@@ -1,9 +1,10 @@
 //! Idle detection: a byte counter-free activity clock on a client connection.
 //!
-//! [`ActivityIo`] wraps the client socket and stamps the time of every read or write that moved
-//! bytes; [`Activity::idle`] completes once nothing moved for the idle timeout. The same clock
+//! The client socket (`crate::server::ClientStream`) stamps [`Activity::touch`] on every read or
+//! write that moved bytes; [`Activity::idle`] completes once nothing moved for the idle timeout. The same clock
 //! covers a keep-alive connection and, after `CONNECT`, the tunnel running over it (the
-//! upgraded stream still reads and writes through the wrapper), so one mechanism enforces
+//! upgraded stream still reads and writes through the same socket wrapper, and the splice relay
+//! stamps the clock itself), so one mechanism enforces
 //! `CUTTLE_IDLE_TIMEOUT` on both.
 //!
 //! A request waiting for its response head holds a [`Busy`] mark: the connection is not idle
@@ -12,14 +13,10 @@
 //! connection is closed. When the mark goes, the clock is stamped, so the idle timeout runs
 //! from the end of the wait at the earliest.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 /// When bytes last moved on a connection, and whether a request is waiting for its answer.
@@ -91,80 +88,6 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.touch();
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// An I/O stream that records its activity.
-#[derive(Debug)]
-pub struct ActivityIo<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T> ActivityIo<T> {
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        ActivityIo { inner, activity }
-    }
-
-    /// The wrapped stream (the tunnel relay stamps the clock itself).
-    pub fn into_inner(self) -> T {
-        self.inner
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity.touch();
-        }
-        poll
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
-        poll
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

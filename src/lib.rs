@@ -18,7 +18,7 @@
 //! | [`guard`] | the destination address guard (metadata service, loopback, link-local, ...) |
 //! | [`policy`] | request targets and the decision over (client, request) |
 //! | [`resolve`] | hosts file, async DNS with cache, dialling guarded addresses only |
-//! | [`server`] | listeners, worker threads (a single-threaded runtime each) and their balance, accept loops, connection limit, per-connection tasks, drain |
+//! | [`server`] | listeners, worker threads (a single-threaded runtime each) and their balance, accept loops, connection limit, the client socket (activity clock and framing watch), per-connection tasks, drain |
 //! | [`framing`] | the request framing watch: `Content-Length` with `Transfer-Encoding` is refused |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted load balancers: the real client address |
 //! | [`proxy`] | the request path: classify, decide, then tunnel / forward / local |

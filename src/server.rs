@@ -10,8 +10,10 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -19,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -29,9 +31,9 @@ use tracing::Instrument;
 use crate::access_log::AccessLog;
 use crate::client_acl::ClientAddr;
 use crate::forward::{self, UpstreamClient};
-use crate::framing::{FramingIo, Verdicts};
+use crate::framing::{Verdicts, Watch};
 use crate::guard::AddressGuard;
-use crate::idle::{Activity, ActivityIo};
+use crate::idle::Activity;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::proxy;
@@ -628,10 +630,95 @@ async fn refuse_overloaded(mut stream: TcpStream) {
     .await;
 }
 
-/// The client socket as hyper serves it: the framing watch over the activity clock.
-/// [`crate::tunnel`] takes the raw socket back out of it after `CONNECT` by downcasting to
-/// exactly this type, so `serve_connection` names it rather than letting it be inferred.
-pub type ClientIo = TokioIo<FramingIo<ActivityIo<TcpStream>>>;
+/// The client socket as hyper serves it. [`crate::tunnel`] takes the raw socket back out of it
+/// after `CONNECT` by downcasting to exactly this type, so `serve_connection` names it rather
+/// than letting it be inferred.
+pub type ClientIo = TokioIo<ClientStream<TcpStream>>;
+
+/// A client socket with its two observers: every read or write that moves bytes stamps the
+/// activity clock (`CUTTLE_IDLE_TIMEOUT`, [`crate::idle`]), and every byte read goes past the
+/// request framing watch ([`crate::framing`]).
+#[derive(Debug)]
+pub struct ClientStream<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    watch: Watch,
+}
+
+impl<T> ClientStream<T> {
+    pub fn new(inner: T, activity: Arc<Activity>, watch: Watch) -> Self {
+        ClientStream {
+            inner,
+            activity,
+            watch,
+        }
+    }
+
+    /// The wrapped stream (the tunnel relay takes the socket back and stamps the clock itself).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
+    /// Stamps the clock when a write moved bytes.
+    fn wrote(&self, poll: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ClientStream<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            this.activity.touch();
+            this.watch.saw(read);
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ClientStream<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// Serves one client connection: HTTP/1.1 with upgrades (CONNECT), the header timeout, the
 /// idle timeout (which waits while a request waits for its response head: that wait answers
@@ -639,10 +726,10 @@ pub type ClientIo = TokioIo<FramingIo<ActivityIo<TcpStream>>>;
 async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, drain: CancellationToken) {
     let _ = stream.set_nodelay(true);
     let settings = &conn.shared.settings;
-    let io: ClientIo = TokioIo::new(FramingIo::new(
-        ActivityIo::new(stream, conn.activity.clone()),
-        conn.framing.clone(),
-        MAX_HEADER_BYTES,
+    let io: ClientIo = TokioIo::new(ClientStream::new(
+        stream,
+        conn.activity.clone(),
+        Watch::new(conn.framing.clone(), MAX_HEADER_BYTES),
     ));
     let service_conn = conn.clone();
     let service =

@@ -85,7 +85,6 @@ async fn relay(
         // Not a plain socket (never the case for the listeners cuttle opens): copy through
         // hyper. Boxed, so this path takes no room in every tunnel's state.
         Err(upgraded) => {
-            let tx = tx.clone();
             let mut copy = Box::pin(async move {
                 let mut client = TokioIo::new(upgraded);
                 let mut upstream = CountedIo::new(upstream, &tx);
@@ -108,7 +107,7 @@ async fn relay(
 fn take_socket(upgraded: Upgraded) -> Result<(TcpStream, Vec<u8>), Upgraded> {
     let parts = upgraded.downcast::<ClientIo>()?;
     let early = parts.read_buf.to_vec();
-    Ok((parts.io.into_inner().into_inner().into_inner(), early))
+    Ok((parts.io.into_inner().into_inner(), early))
 }
 
 /// How a tunnel ended.
