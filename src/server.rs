@@ -370,10 +370,14 @@ impl Drop for Workers {
     }
 }
 
+/// Binds a listening socket with Nagle turned off: accepted sockets inherit `TCP_NODELAY`
+/// (Linux, the BSDs), which saves a system call per connection.
 async fn bind(addr: SocketAddr, var: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { addr, var, source })
+        .map_err(|source| StartError::Bind { addr, var, source })?;
+    let _ = socket2::SockRef::from(&listener).set_tcp_nodelay(true);
+    Ok(listener)
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {
@@ -724,6 +728,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientStream<T> {
 /// idle timeout (which waits while a request waits for its response head: that wait answers
 /// 504 on the same clock, see [`crate::idle`]), and a graceful close when the drain starts.
 async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, drain: CancellationToken) {
+    // Accepted sockets inherit TCP_NODELAY from the listener (see `bind`) on these systems.
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    )))]
     let _ = stream.set_nodelay(true);
     let settings = &conn.shared.settings;
     let io: ClientIo = TokioIo::new(ClientStream::new(
@@ -767,6 +778,27 @@ async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, drain: Cancellatio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connections are accepted with Nagle off (small responses and tunnelled handshakes are
+    /// not held back waiting for an ACK), though no call sets it per connection.
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    ))]
+    #[tokio::test]
+    async fn accepted_sockets_have_nagle_off() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), "CUTTLE_LISTEN")
+            .await
+            .unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+        drop(client);
+    }
 
     /// A worker keeps what it accepts while within one connection of the least busy worker;
     /// past that, the least busy one gets it. Places are given back when dropped.
