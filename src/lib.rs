@@ -25,7 +25,8 @@
 //! | [`tunnel`] | `CONNECT` |
 //! | [`sni`] | the TLS SNI check on tunnels: ClientHello `server_name` against the CONNECT host or the allowlist |
 //! | [`copy`] | tunnel byte relay: one readiness-polling future, burst copy through a per-thread buffer, splice(2) for bulk on Linux |
-//! | [`forward`] | plain HTTP forwarding over a pooled client |
+//! | [`forward`] | plain HTTP forwarding |
+//! | [`pool`] | each worker's keep-alive pool of upstream connections |
 //! | [`local`] | `/healthz`, `/metrics` |
 //! | [`metrics`] | the Prometheus registry, typed handles, closed label enums |
 //! | [`access_log`] | Squid and JSON access log lines, the non-blocking writer task |
@@ -53,6 +54,7 @@ pub mod local;
 pub mod metrics;
 pub mod netset;
 pub mod policy;
+pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;

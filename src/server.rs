@@ -30,12 +30,12 @@ use tracing::Instrument;
 
 use crate::access_log::AccessLog;
 use crate::client_acl::ClientAddr;
-use crate::forward::{self, UpstreamClient};
 use crate::framing::{Verdicts, Watch};
 use crate::guard::AddressGuard;
 use crate::idle::Activity;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::pool::Pool;
 use crate::proxy;
 use crate::proxy_protocol;
 use crate::resolve::{Dialer, Resolver};
@@ -82,9 +82,9 @@ pub struct Shared {
 /// Per-connection context handed to the request path.
 pub struct Conn {
     pub shared: Arc<Shared>,
-    /// The upstream client of the worker serving this connection (its pooled connections
+    /// The upstream pool of the worker serving this connection (its pooled connections
     /// live on that worker).
-    pub upstream: UpstreamClient,
+    pub upstream: Arc<Pool>,
     pub client: ClientAddr,
     pub activity: Arc<Activity>,
     /// What the framing watch found on this connection's request bytes.
@@ -210,7 +210,7 @@ impl Server {
         } = self;
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|admin| {
-            let upstream = forward::client(shared.dialer.clone(), shared.settings.idle_timeout);
+            let upstream = pool(&shared);
             let with = Accepting {
                 admin: true,
                 shared: shared.clone(),
@@ -290,7 +290,7 @@ impl Workers {
                 admin: false,
                 shared: shared.clone(),
                 limit: limit.clone(),
-                upstream: forward::client(shared.dialer.clone(), shared.settings.idle_timeout),
+                upstream: pool(shared),
                 drain: stop.clone(),
                 worker: Some((balance.clone(), index)),
             };
@@ -380,6 +380,15 @@ async fn bind(addr: SocketAddr, var: &'static str) -> Result<TcpListener, StartE
     Ok(listener)
 }
 
+/// A keep-alive pool for one thread; pooled connections are closed after the idle timeout (90 s
+/// at most).
+fn pool(shared: &Shared) -> Arc<Pool> {
+    Pool::new(
+        shared.dialer.clone(),
+        shared.settings.idle_timeout.min(Duration::from_secs(90)),
+    )
+}
+
 fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
@@ -394,8 +403,8 @@ struct Accepting {
     shared: Arc<Shared>,
     /// `CUTTLE_MAX_CONNECTIONS`, shared by every listener.
     limit: Arc<Semaphore>,
-    /// The upstream client of the thread running the loop.
-    upstream: UpstreamClient,
+    /// The upstream pool of the thread running the loop.
+    upstream: Arc<Pool>,
     /// Tells the connection to finish gracefully.
     drain: CancellationToken,
     /// For a worker: the balance between workers and this worker's place in it.
