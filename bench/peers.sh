@@ -15,7 +15,8 @@
 #           CONNECT host, so cuttle's default SNI check runs as in production);
 #        c. bulk through one tunnel (1 GiB down and up);
 #        d. RSS per idle tunnel (1000 tunnels held), from /proc/PID/status VmRSS;
-#      with proxy CPU per request / tunnel from /proc/PID/stat utime+stime deltas;
+#      with proxy CPU per request / tunnel from /proc/PID/stat utime+stime deltas (and the
+#      kernel's part, stime, on its own);
 #   5. measures each proxy's startup (exec -> first accepted TCP connect) and RSS at start
 #      (every fresh start in (d) adds a sample).
 #
@@ -117,6 +118,8 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # utime+stime of a process (all its threads) in clock ticks; the command name is skipped.
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+# "utime+stime stime": the total and the kernel's part.
+cpu_split() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13, $13}'; }
 
 # Value of key $2 in a `RESULT k=v ...` line $1.
 field() { sed -n "s/.*[ ]$2=\([^ ]*\).*/\1/p" <<<" $1"; }
@@ -276,18 +279,19 @@ done = function(summary, latency, requests)
 end
 EOF
 
-# Runs a command against target $1, measuring the proxy's CPU; prints "RESULT... cpu_ticks=N".
+# Runs a command against target $1, measuring the proxy's CPU; prints
+# "RESULT... cpu_ticks=N sys_ticks=M" (M: the part spent in the kernel).
 measured() {
-    local target=$1 out c0=0 c1=0
+    local target=$1 out c0=0 c1=0 s0=0 s1=0
     shift
-    [[ $target != direct ]] && c0=$(cpu_ticks "${PID[$target]}")
+    [[ $target != direct ]] && read -r c0 s0 < <(cpu_split "${PID[$target]}")
     out=$("$@") || {
         log "peers.sh: $target: command failed: $*"
         echo "RESULT failed=1"
         return 0
     }
-    [[ $target != direct ]] && c1=$(cpu_ticks "${PID[$target]}")
-    echo "$out cpu_ticks=$((c1 - c0))"
+    [[ $target != direct ]] && read -r c1 s1 < <(cpu_split "${PID[$target]}")
+    echo "$out cpu_ticks=$((c1 - c0)) sys_ticks=$((s1 - s0))"
 }
 
 wrk_run() {
@@ -378,6 +382,8 @@ for _ in $(seq "$RUNS"); do
         add p99 "$t" "$(awk -v v="$(field "$line" p99_us)" 'BEGIN {printf "%.2f", v / 1000}')"
         [[ $t != direct ]] && add cpu_req "$t" \
             "$(awk -v c="$(field "$line" cpu_ticks)" -v r="$req" -v k="$TICK" 'BEGIN {printf "%.1f", c / k * 1e6 / r}')"
+        [[ $t != direct ]] && add sys_req "$t" \
+            "$(awk -v c="$(field "$line" sys_ticks)" -v r="$req" -v k="$TICK" 'BEGIN {printf "%.1f", c / k * 1e6 / r}')"
     done
 done
 
@@ -400,6 +406,8 @@ for _ in $(seq "$RUNS"); do
         add tps "$t" "$(field "$line" rate)"
         [[ $t != direct ]] && add cpu_tun "$t" \
             "$(awk -v c="$(field "$line" cpu_ticks)" -v r="$ok" -v k="$TICK" 'BEGIN {printf "%.1f", c / k * 1e6 / r}')"
+        [[ $t != direct ]] && add sys_tun "$t" \
+            "$(awk -v c="$(field "$line" sys_ticks)" -v r="$ok" -v k="$TICK" 'BEGIN {printf "%.1f", c / k * 1e6 / r}')"
     done
 done
 
@@ -483,9 +491,11 @@ echo "|---|---|---|---|---|---|---|---|---|"
 row "plain HTTP req/s (wrk, keep-alive, absolute-form)" rps 0 "≥ 3× Squid" "$(check "$(cu rps)" ">=" "$(half "$(sq rps)" 3)")"
 row "plain HTTP p99 latency, ms" p99 2 "≤ 0.5× Squid" "$(check "$(cu p99)" "<=" "$(half "$(sq p99)" 0.5)")"
 row "proxy CPU per plain request, µs" cpu_req 1 "≤ 1/3 Squid" "$(check "$(cu cpu_req)" "<=" "$(half "$(sq cpu_req)" 0.3333)")"
+row "… of which in the kernel (system time), µs" sys_req 1 "" ""
 c1=$(check "$(cu tps)" ">=" "$(half "$(sq tps)" 2)") c2=$(check "$(cu tps)" ">=" "$(half "$(tp tps)" 1.3)")
 row "CONNECT tunnels/s (connect, ClientHello + 64 B echo, close)" tps 0 "≥ 2× Squid, ≥ 1.3× tinyproxy" "$c1, $c2"
 row "proxy CPU per tunnel, µs" cpu_tun 1 "≤ 1/3 Squid" "$(check "$(cu cpu_tun)" "<=" "$(half "$(sq cpu_tun)" 0.3333)")"
+row "… of which in the kernel (system time), µs" sys_tun 1 "" ""
 b1=$(check "$(cu bulk_down)" ">=" "$(half "$(di bulk_down)" 0.8)") b2=$(check "$(cu bulk_down)" ">=" "$(half "$(sq bulk_down)" 2)")
 row "bulk through one tunnel, download, MB/s" bulk_down 0 "≥ 0.8× direct, ≥ 2× Squid" "$b1, $b2"
 b1=$(check "$(cu bulk_up)" ">=" "$(half "$(di bulk_up)" 0.8)") b2=$(check "$(cu bulk_up)" ">=" "$(half "$(sq bulk_up)" 2)")
