@@ -90,8 +90,12 @@ impl Future for Relay<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let up = this.up.poll(this.client, this.upstream, cx)?;
-        let down = this.down.poll(this.upstream, this.client, cx)?;
+        let up = this
+            .up
+            .poll(this.client, this.upstream, this.down.is_done(), cx)?;
+        let down = this
+            .down
+            .poll(this.upstream, this.client, this.up.is_done(), cx)?;
         match (up, down) {
             (Poll::Ready(up), Poll::Ready(down)) => Poll::Ready(Ok((up, down))),
             _ => Poll::Pending,
@@ -145,11 +149,17 @@ impl Flow {
         self.meter.moved(n);
     }
 
+    fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
     /// Moves what can be moved now; ready with the total once the direction has ended.
+    /// `last`: the other direction has ended, so this one's end ends the relay.
     fn poll(
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
+        last: bool,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<u64>> {
         loop {
@@ -159,7 +169,7 @@ impl Flow {
                     ready!(src.poll_read_ready(cx))?;
                     match burst(src, dst)? {
                         Step::NotReady => {}
-                        Step::Eof => self.finish(dst),
+                        Step::Eof => self.finish(dst, last),
                         Step::Moved(n) => {
                             self.moved(n);
                             #[cfg(target_os = "linux")]
@@ -195,16 +205,19 @@ impl Flow {
                 #[cfg(target_os = "linux")]
                 State::Splice(pipe) => {
                     ready!(pipe.poll(src, dst, cx, &self.meter, &mut self.moved))?;
-                    self.finish(dst);
+                    self.finish(dst, last);
                 }
             }
         }
     }
 
     /// End of stream: the half-close is passed on (the peer may already be gone; the other
-    /// direction will notice).
-    fn finish(&mut self, dst: &TcpStream) {
-        let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+    /// direction will notice). When it is the `last` direction to end, the relay is over and
+    /// both sockets are about to be closed, which sends the FIN: one system call less.
+    fn finish(&mut self, dst: &TcpStream, last: bool) {
+        if !last {
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+        }
         self.state = State::Done;
     }
 }
