@@ -13,10 +13,14 @@
 //! connection is closed. When the mark goes, the clock is stamped, so the idle timeout runs
 //! from the end of the wait at the earliest.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use tokio::time::Instant;
 
 /// When bytes last moved on a connection, and whether a request is waiting for its answer.
@@ -91,6 +95,81 @@ impl Drop for Busy {
     }
 }
 
+/// Runs `main` with a watchdog beside it (`side`: timeouts, drain and stop signals), polling
+/// the watchdog only when its own waker fired. A connection's task wakes several times per
+/// request; polling its timers and cancellation tokens on every one of those wake-ups (as a
+/// `select!` does) costs more than the work they guard.
+pub fn watched<M, S>(main: M, side: S) -> Watched<M, S>
+where
+    M: Future + Unpin,
+    S: Future + Unpin,
+{
+    Watched {
+        main,
+        side,
+        wake: Arc::new(SideWake {
+            // The watchdog is polled on the first poll, to arm it.
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }),
+    }
+}
+
+/// Which of the two completed first.
+#[derive(Debug, PartialEq, Eq)]
+pub enum First<A, B> {
+    Main(A),
+    Side(B),
+}
+
+/// The future of [`watched`].
+pub struct Watched<M, S> {
+    main: M,
+    side: S,
+    wake: Arc<SideWake>,
+}
+
+/// The watchdog's waker: notes that the watchdog has something to look at, then wakes the task.
+struct SideWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<M, S> Future for Watched<M, S>
+where
+    M: Future + Unpin,
+    S: Future + Unpin,
+{
+    type Output = First<M::Output, S::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        this.wake.task.register(cx.waker());
+        if let Poll::Ready(out) = Pin::new(&mut this.main).poll(cx) {
+            return Poll::Ready(First::Main(out));
+        }
+        if this.wake.woken.swap(false, Ordering::AcqRel) {
+            let waker = Waker::from(this.wake.clone());
+            let mut side_cx = Context::from_waker(&waker);
+            if let Poll::Ready(out) = Pin::new(&mut this.side).poll(&mut side_cx) {
+                return Poll::Ready(First::Side(out));
+            }
+        }
+        Poll::Pending
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +186,34 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    /// The watchdog fires through its own waker while the main future keeps waking the task
+    /// (every 10 ms), and the main future's result wins when it comes first.
+    #[tokio::test(start_paused = true)]
+    async fn watchdog_fires_beside_a_busy_main_future() {
+        let busy = Box::pin(async {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                tick.tick().await;
+            }
+        });
+        let timeout = Box::pin(tokio::time::sleep(Duration::from_secs(3)));
+        let start = Instant::now();
+        let first = tokio::time::timeout(Duration::from_secs(60), watched(busy, timeout)).await;
+        assert_eq!(first, Ok(First::Side(())), "the watchdog never fired");
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+
+        let quick = Box::pin(async { 7 });
+        let never = Box::pin(std::future::pending::<()>());
+        assert_eq!(watched(quick, never).await, First::Main(7));
+
+        let slow = Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            "done"
+        });
+        let later = Box::pin(tokio::time::sleep(Duration::from_secs(2)));
+        assert_eq!(watched(slow, later).await, First::Main("done"));
     }
 
     /// While a request waits for its response, the connection is not idle (the wait's own

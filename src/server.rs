@@ -32,7 +32,7 @@ use crate::access_log::AccessLog;
 use crate::client_acl::ClientAddr;
 use crate::framing::{Verdicts, Watch};
 use crate::guard::AddressGuard;
-use crate::idle::Activity;
+use crate::idle::{watched, Activity, First};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::pool::Pool;
@@ -762,26 +762,45 @@ async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, drain: Cancellatio
         .keep_alive(true);
     let connection = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(connection);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with error");
-                }
-                return;
-            }
-            _ = drain.cancelled(), if !draining => {
-                draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            _ = conn.activity.idle(settings.idle_timeout) => {
-                tracing::debug!("idle timeout");
-                return;
-            }
-            _ = conn.shared.hard_stop.cancelled() => return,
+    let ended = |result: hyper::Result<()>| {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with error");
         }
+    };
+    let watchdog = async {
+        tokio::select! {
+            _ = drain.cancelled() => Stop::Drain,
+            _ = conn.activity.idle(settings.idle_timeout) => Stop::Idle,
+            _ = conn.shared.hard_stop.cancelled() => Stop::Hard,
+        }
+    };
+    tokio::pin!(watchdog);
+    match watched(connection.as_mut(), watchdog).await {
+        First::Main(result) => return ended(result),
+        First::Side(Stop::Drain) => connection.as_mut().graceful_shutdown(),
+        First::Side(Stop::Idle) => return tracing::debug!("idle timeout"),
+        First::Side(Stop::Hard) => return,
     }
+    // Draining: the connection finishes the request in hand, then closes.
+    let watchdog = async {
+        tokio::select! {
+            _ = conn.activity.idle(settings.idle_timeout) => tracing::debug!("idle timeout"),
+            _ = conn.shared.hard_stop.cancelled() => {}
+        }
+    };
+    tokio::pin!(watchdog);
+    if let First::Main(result) = watched(connection.as_mut(), watchdog).await {
+        ended(result);
+    }
+}
+
+/// Why a connection's watchdog fired.
+enum Stop {
+    /// The drain started: finish gracefully.
+    Drain,
+    Idle,
+    /// The drain deadline passed.
+    Hard,
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::copy::{self, Meter};
 use crate::error::ProxyError;
+use crate::idle::{watched, First};
 use crate::metrics::Direction;
 use crate::policy::Target;
 use crate::proxy::{full, Body};
@@ -124,9 +125,15 @@ async fn watch<F>(conn: &Conn, copy: std::pin::Pin<&mut F>) -> Ended
 where
     F: std::future::Future<Output = io::Result<(u64, u64)>> + ?Sized,
 {
-    tokio::select! {
-        result = copy => Ended::Copied(result),
-        _ = conn.activity.idle(conn.shared.settings.idle_timeout) => Ended::Idle,
-        _ = conn.shared.hard_stop.cancelled() => Ended::Drained,
+    let watchdog = async {
+        tokio::select! {
+            _ = conn.activity.idle(conn.shared.settings.idle_timeout) => Ended::Idle,
+            _ = conn.shared.hard_stop.cancelled() => Ended::Drained,
+        }
+    };
+    tokio::pin!(watchdog);
+    match watched(copy, watchdog).await {
+        First::Main(result) => Ended::Copied(result),
+        First::Side(ended) => ended,
     }
 }
