@@ -12,9 +12,11 @@
 //! `a.b.example.com` but not the apex `example.com` (write `.example.com` for that), just as
 //! `*.example.com` does not allow the apex.
 //!
-//! Lookup cost grows with the number of labels of the host, not with the number of entries:
-//! exact names and suffixes live in hash maps probed once per label, CIDRs in one hash set per
-//! prefix length present.
+//! Lookup cost does not grow with the number of entries: exact names and suffixes live in one
+//! hash map, with every parent domain of a listed name marked, probed once per label from the
+//! top-level domain down to the first name nothing is listed under (so a host under no entry
+//! costs one or two probes, and a deep host only as many as its matching entry has labels);
+//! CIDRs live in one hash set per prefix length present.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -355,9 +357,11 @@ pub fn aws_defaults(regions: &[Region]) -> Vec<Entry> {
 pub struct Allowlist {
     /// Kept entries, in the order given; the maps below hold indices into it.
     entries: Vec<Entry>,
-    exact: FxHashMap<String, usize>,
-    /// `Suffix` entries by name without the leading dot.
-    suffixes: FxHashMap<String, usize>,
+    /// `Exact` and `Suffix` entries (without the leading dot) by name, and every parent domain
+    /// of one, so that a lookup walks down from the top-level domain and stops at the first
+    /// name nothing is listed under: a few probes whatever the list's size and the host's
+    /// depth.
+    names: FxHashMap<String, Name>,
     globs: GlobSet,
     /// Entry index of each glob in `globs`, in glob order.
     glob_entries: Vec<usize>,
@@ -377,8 +381,7 @@ impl Allowlist {
         let covered = covering_entries(&entries);
         let mut list = Allowlist {
             entries: Vec::with_capacity(entries.len()),
-            exact: FxHashMap::default(),
-            suffixes: FxHashMap::default(),
+            names: FxHashMap::default(),
             globs: GlobSet::empty(),
             glob_entries: Vec::new(),
             nets: HashMap::new(),
@@ -397,12 +400,8 @@ impl Allowlist {
             }
             let idx = list.entries.len();
             match &entry.pattern {
-                Pattern::Exact(name) => {
-                    list.exact.insert(name.clone(), idx);
-                }
-                Pattern::Suffix(name) => {
-                    list.suffixes.insert(name.clone(), idx);
-                }
+                Pattern::Exact(name) => list.add_name(name).exact = Some(idx),
+                Pattern::Suffix(name) => list.add_name(name).suffix = Some(idx),
                 Pattern::Glob(glob) => {
                     globs.add(compile_glob(glob)?);
                     list.glob_entries.push(idx);
@@ -430,8 +429,20 @@ impl Allowlist {
         Ok(list)
     }
 
-    /// The entry that allows `host`, if any. Names: exact, then the longest matching suffix,
-    /// then globs. IPs: only `Net` entries (names never allow an IP literal).
+    /// The node of `name`, with every parent domain marked as one.
+    fn add_name(&mut self, name: &str) -> &mut Name {
+        for (dot, _) in name.match_indices('.') {
+            self.names
+                .entry(name[dot + 1..].to_owned())
+                .or_default()
+                .parent = true;
+        }
+        self.names.entry(name.to_owned()).or_default()
+    }
+
+    /// The entry that allows `host`, if any. Names: the exact or suffix entry (kept entries
+    /// never cover one another, so at most one matches), then globs. IPs: only `Net` entries
+    /// (names never allow an IP literal).
     pub fn find(&self, host: &Host) -> Option<&Entry> {
         let idx = match host {
             Host::Name(name) => self.find_name(name),
@@ -446,11 +457,24 @@ impl Allowlist {
     }
 
     fn find_name(&self, name: &str) -> Option<usize> {
-        if let Some(&i) = self.exact.get(name) {
-            return Some(i);
-        }
-        if let Some(i) = suffixes(name).find_map(|s| self.suffixes.get(s)) {
-            return Some(*i);
+        // `com`, `example.com`, `a.example.com`: down from the top-level domain while something
+        // is listed below.
+        let starts = name.rmatch_indices('.').map(|(dot, _)| dot + 1);
+        for start in starts.chain(std::iter::once(0)) {
+            let Some(node) = self.names.get(&name[start..]) else {
+                break;
+            };
+            if let Some(i) = node.suffix {
+                return Some(i);
+            }
+            if start == 0 {
+                if let Some(i) = node.exact {
+                    return Some(i);
+                }
+            }
+            if !node.parent {
+                break;
+            }
         }
         if self.glob_entries.is_empty() {
             return None;
@@ -489,6 +513,17 @@ impl Allowlist {
 }
 
 // === helpers ===
+
+/// A name in [`Allowlist::names`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Name {
+    /// The `Exact` entry for this name.
+    exact: Option<usize>,
+    /// The `Suffix` entry for this name: it and every name under it.
+    suffix: Option<usize>,
+    /// Some entry lies under this name.
+    parent: bool,
+}
 
 /// `a.b.c`, `b.c`, `c`: the name and each parent, longest first.
 fn suffixes(name: &str) -> impl Iterator<Item = &str> {
