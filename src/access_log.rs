@@ -10,27 +10,32 @@
 //! parsers, never `TCP_DENIED` (it was not refused). The JSON line says `"decision":
 //! "would_deny"`.
 //!
-//! Lines never hold up traffic: the request path pushes a [`Record`] onto a bounded queue and
-//! returns. Only the record that finds the queue empty wakes the writer task, which lets 10 ms
-//! of records gather, then takes the queue, formats and writes: one wake-up per batch, none
-//! while idle, and small batches (a long one holds a core in one go, which shows in the
-//! latency of requests waiting for it). When the queue is full (stdout cannot keep up), the
-//! record is dropped and counted in `cuttle_access_log_dropped_total`.
+//! Lines never hold up traffic: the request path formats its line (on its own thread, into a
+//! reused buffer, so the record's strings are freed where they were allocated), appends it to
+//! a bounded queue of text and returns. Only the line that finds the queue empty wakes the
+//! writer task, which lets 10 ms of lines gather, then takes the whole text and writes it in
+//! one go: one wake-up and one write per batch, none while idle, and small batches (a long one
+//! holds a core in one go, which shows in the latency of requests waiting for it). When the
+//! queue is full (stdout cannot keep up), the line is dropped and counted in
+//! `cuttle_access_log_dropped_total`.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::metrics::{Kind, Outcome, Reason};
 use crate::settings::AccessLogFormat;
 
-/// Records waiting for the writer; past this, records are dropped.
+/// Lines waiting for the writer; past this, lines are dropped.
 const QUEUE: usize = 4096;
+/// Bytes waiting for the writer (long URLs); past this, lines are dropped.
+const QUEUE_BYTES: usize = 4 << 20;
 
 /// One finished request or tunnel.
 #[derive(Clone, Debug)]
@@ -153,9 +158,21 @@ fn media_type(content_type: Option<&str>) -> &str {
 
 /// The records waiting for the writer, shared with the request path.
 struct Queue {
-    records: Mutex<Vec<Record>>,
-    /// Told when a record lands in an empty queue.
+    pending: Mutex<Pending>,
+    /// Told when a line lands in an empty queue.
     filled: Notify,
+}
+
+/// Formatted lines waiting for the writer.
+#[derive(Default)]
+struct Pending {
+    text: String,
+    lines: usize,
+}
+
+thread_local! {
+    /// Where a thread formats its line before taking the queue's lock.
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(256));
 }
 
 /// The access log's sending side.
@@ -164,9 +181,7 @@ pub struct AccessLog {
     /// Asks the writer to write at once (shutdown), with a reply when done.
     flushes: Option<mpsc::Sender<oneshot::Sender<()>>>,
     dropped: IntCounter,
-    /// Lines carry the rule that allowed the request (JSON); the Squid line does not, so its
-    /// text is not even built.
-    with_rule: bool,
+    format: AccessLogFormat,
 }
 
 /// How long the writer lets records gather once woken. Requests do not wake it each: a
@@ -184,49 +199,62 @@ impl AccessLog {
                 queue: None,
                 flushes: None,
                 dropped,
-                with_rule: false,
+                format,
             };
         }
         let queue = Arc::new(Queue {
-            records: Mutex::new(Vec::with_capacity(256)),
+            pending: Mutex::new(Pending {
+                text: String::with_capacity(64 << 10),
+                lines: 0,
+            }),
             filled: Notify::new(),
         });
         let (flushes, requests) = mpsc::channel(4);
-        tokio::spawn(write_loop(
-            queue.clone(),
-            requests,
-            BufWriter::new(out),
-            format,
-        ));
+        tokio::spawn(write_loop(queue.clone(), requests, out));
         AccessLog {
             queue: Some(queue),
             flushes: Some(flushes),
             dropped,
-            with_rule: format == AccessLogFormat::Json,
+            format,
         }
     }
 
-    /// Whether lines show the rule that allowed a request (only then is its text built).
-    pub fn with_rule(&self) -> bool {
-        self.with_rule
+    /// Whether lines show the host and the rule that allowed a request (JSON; only then are
+    /// their texts built).
+    pub fn detailed(&self) -> bool {
+        self.format == AccessLogFormat::Json
     }
 
-    /// Queues a record; drops (and counts) it if the writer is behind.
+    /// Formats a record's line and queues it; drops (and counts) it if the writer is behind.
     pub fn log(&self, record: Record) {
-        if let Some(queue) = &self.queue {
-            let mut records = queue.records.lock().unwrap_or_else(|p| p.into_inner());
-            if records.len() >= QUEUE {
-                drop(records);
-                self.dropped.inc();
-            } else {
-                records.push(record);
-                let first = records.len() == 1;
-                drop(records);
-                if first {
-                    queue.filled.notify_one();
-                }
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        LINE.with_borrow_mut(|line| {
+            if line.capacity() > 64 << 10 {
+                // The last line had a very long URL: do not keep its buffer for good.
+                *line = String::with_capacity(256);
             }
-        }
+            line.clear();
+            match self.format {
+                AccessLogFormat::Json => line.push_str(&record.json_line()),
+                _ => record.write_squid_line(line),
+            }
+            line.push('\n');
+            let mut pending = queue.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.lines >= QUEUE || pending.text.len() + line.len() > QUEUE_BYTES {
+                drop(pending);
+                self.dropped.inc();
+                return;
+            }
+            pending.text.push_str(line);
+            pending.lines += 1;
+            let first = pending.lines == 1;
+            drop(pending);
+            if first {
+                queue.filled.notify_one();
+            }
+        });
     }
 
     /// Waits (up to `limit`) until everything queued so far is written.
@@ -244,11 +272,10 @@ impl AccessLog {
 async fn write_loop<W: AsyncWrite + Unpin>(
     queue: Arc<Queue>,
     mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
-    mut out: BufWriter<W>,
-    format: AccessLogFormat,
+    mut out: W,
 ) {
-    let mut line = String::with_capacity(256);
-    let mut batch = Vec::with_capacity(256);
+    // The batch being written; swapped with the queue's text, so both buffers are reused.
+    let mut batch = String::with_capacity(64 << 10);
     let mut broken = false;
     loop {
         let flush = tokio::select! {
@@ -261,26 +288,25 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 None => return,
             },
         };
-        std::mem::swap(
-            &mut batch,
-            &mut *queue.records.lock().unwrap_or_else(|p| p.into_inner()),
-        );
-        for record in batch.drain(..) {
-            line.clear();
-            match format {
-                AccessLogFormat::Json => line.push_str(&record.json_line()),
-                _ => record.write_squid_line(&mut line),
-            }
-            line.push('\n');
-            if !broken {
-                if let Err(e) = out.write_all(line.as_bytes()).await {
-                    tracing::warn!(error = %e, "access log output failed; lines are discarded from now on");
-                    broken = true;
-                }
+        {
+            let mut pending = queue.pending.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::swap(&mut batch, &mut pending.text);
+            pending.lines = 0;
+        }
+        if !broken && !batch.is_empty() {
+            let written = async {
+                out.write_all(batch.as_bytes()).await?;
+                out.flush().await
+            };
+            if let Err(e) = written.await {
+                tracing::warn!(error = %e, "access log output failed; lines are discarded from now on");
+                broken = true;
             }
         }
-        if !broken && out.flush().await.is_err() {
-            broken = true;
+        batch.clear();
+        if batch.capacity() > 1 << 20 {
+            // A burst of long lines: give the memory back rather than keep it for good.
+            batch.shrink_to(64 << 10);
         }
         if let Some(done) = flush {
             let _ = done.send(());
@@ -418,31 +444,54 @@ mod tests {
         assert_eq!(value["upstream"], "52.94.1.1:443");
     }
 
+    /// An output that never accepts bytes (a stalled stdout).
+    struct Stuck;
+
+    impl AsyncWrite for Stuck {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Long URLs fill the queue by bytes long before its line count: what waits for a stalled
+    /// stdout stays within `QUEUE_BYTES` whatever the lines, and the rest is dropped and
+    /// counted.
+    #[tokio::test]
+    async fn long_lines_are_bounded_by_bytes() {
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let log = AccessLog::start(AccessLogFormat::Squid, Stuck, dropped.clone());
+        let mut long = record();
+        long.url = format!("http://example.com/{}", "a".repeat(60_000));
+        let line = long.squid_line().len() + 1;
+        for _ in 0..200 {
+            log.log(long.clone());
+        }
+        let kept = QUEUE_BYTES / line;
+        assert!(kept < 100, "{kept}");
+        assert_eq!(dropped.get(), (200 - kept) as u64);
+        let pending = log.queue.as_ref().unwrap().pending.lock().unwrap();
+        assert_eq!((pending.lines, pending.text.len()), (kept, kept * line));
+    }
+
     /// A writer that never accepts bytes does not block `log`: records are dropped and counted.
     #[tokio::test]
     async fn full_queue_drops_and_counts() {
-        struct Stuck;
-        impl AsyncWrite for Stuck {
-            fn poll_write(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-                _: &[u8],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                std::task::Poll::Pending
-            }
-            fn poll_flush(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Pending
-            }
-            fn poll_shutdown(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Pending
-            }
-        }
         let dropped = IntCounter::new("d", "d").unwrap();
         let log = AccessLog::start(AccessLogFormat::Squid, Stuck, dropped.clone());
         for _ in 0..(QUEUE * 2 + 100) {

@@ -129,7 +129,7 @@ impl Transaction {
         };
         let text = match rule {
             Rule::Local => None,
-            rule if self.0.observer.access_log.with_rule() => Some(rule.to_string()),
+            rule if self.0.observer.access_log.detailed() => Some(rule.to_string()),
             _ => None,
         };
         self.with(|s| {
@@ -211,14 +211,18 @@ impl Drop for Inner {
         if !state.log {
             return;
         }
-        self.observer.access_log.log(Record {
+        let log = &self.observer.access_log;
+        log.log(Record {
             end: self.started_at + duration,
             duration,
             client: self.client.ip(),
             kind: state.kind,
             method: std::mem::take(&mut state.method),
             url: std::mem::take(&mut state.url),
-            host: state.target.as_ref().map(|t| t.host.to_string()),
+            host: match &state.target {
+                Some(t) if log.detailed() => Some(t.host.to_string()),
+                _ => None,
+            },
             port: state.target.as_ref().map(|t| t.port),
             status: state.status,
             outcome: state.outcome,
