@@ -1,10 +1,11 @@
-//! Idle detection: a byte counter-free activity clock on a client connection.
+//! Idle detection: an activity clock on a client connection (a timestamp, not a byte count),
+//! and [`watched`], which runs a connection beside its watchdog.
 //!
-//! The client socket (`crate::server::ClientStream`) stamps [`Activity::touch`] on every read or
-//! write that moved bytes; [`Activity::idle`] completes once nothing moved for the idle timeout. The same clock
-//! covers a keep-alive connection and, after `CONNECT`, the tunnel running over it (the
-//! upgraded stream still reads and writes through the same socket wrapper, and the splice relay
-//! stamps the clock itself), so one mechanism enforces
+//! The client socket (`crate::server::ClientStream`) stamps [`Activity::touch`] on every read
+//! or write that moved bytes; [`Activity::idle`] completes once nothing moved for the idle
+//! timeout. The same clock covers a keep-alive connection and, after `CONNECT`, the tunnel
+//! running over it (the upgraded stream still reads and writes through the same socket
+//! wrapper, and the splice relay stamps the clock itself), so one mechanism enforces
 //! `CUTTLE_IDLE_TIMEOUT` on both.
 //!
 //! A request waiting for its response head holds a [`Busy`] mark: the connection is not idle

@@ -164,13 +164,8 @@ async fn origin_closing_kept_alive_connections_is_not_an_error() {
                 continue;
             };
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut byte).await {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
+                if read_head(&mut stream).await.is_empty() {
+                    return;
                 }
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
