@@ -28,7 +28,7 @@ use crate::policy::Target;
 use crate::settings::{Key, Origin, Settings};
 
 /// Names whose answers the DNS cache holds at once.
-const DNS_CACHE_NAMES: usize = 4096;
+pub const DNS_CACHE_NAMES: usize = 4096;
 
 /// Static name overrides (`/etc/hosts` format), consulted before DNS.
 #[derive(Clone, Debug, Default)]

@@ -1,7 +1,7 @@
-//! DNS answers are cached for their TTL: repeated CONNECTs to one name ask the DNS server once
-//! while the answer lives, and ask again once it has expired. The DNS server is a fake on
-//! loopback that answers names under `cache.example.com` with 127.0.0.1 and counts the queries.
-
+//! DNS answers are cached for their TTL, in a bounded cache: repeated CONNECTs to one name ask
+//! the DNS server once while the answer lives, and ask again once it has expired; past
+//! `DNS_CACHE_NAMES` names, answers are asked for again. The DNS server is a fake on loopback
+//! that answers names under `cache.example.com` with 127.0.0.1 and counts the queries.
 mod support;
 
 use std::collections::HashMap;
@@ -149,4 +149,41 @@ async fn an_expired_answer_is_asked_again() {
         first.elapsed()
     );
     proxy.stop().await;
+}
+
+/// The cache is bounded: of 8192 names each looked up twice, at most about `DNS_CACHE_NAMES`
+/// (4096) are answered from the cache the second time; the rest are asked again. (The cache
+/// evicts approximately, so a little slack.)
+#[tokio::test]
+async fn the_cache_holds_a_bounded_number_of_names() {
+    use cuttle::host::Host;
+    use cuttle::resolve::{Resolver, DNS_CACHE_NAMES};
+    use cuttle::settings::{Settings, Sources};
+
+    let dns = CountingDns::start(300).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(dir.path(), dns.addr);
+    env.insert("SQUID_WHITELIST".into(), ".cache.example.com".into());
+    let settings = Settings::load(&Sources::from_env(env)).expect("settings");
+    let resolver = Resolver::new(&settings).expect("resolver");
+    let names = 2 * DNS_CACHE_NAMES;
+    let host = |i: usize| Host::parse(&format!("n{i}.cache.example.com")).expect("host");
+    for _ in 0..2 {
+        for i in 0..names {
+            resolver.lookup(&host(i)).await.expect("lookup");
+        }
+    }
+    let asked: usize = (0..names)
+        .map(|i| dns.count(&format!("n{i}.cache.example.com")))
+        .sum();
+    let from_cache = 2 * names - asked;
+    assert!(
+        from_cache <= DNS_CACHE_NAMES + DNS_CACHE_NAMES / 8,
+        "{from_cache} of {names} second lookups answered from the cache"
+    );
+    // And it is a cache: many second lookups were answered from it.
+    assert!(
+        from_cache >= DNS_CACHE_NAMES / 2,
+        "{from_cache} second lookups answered from the cache"
+    );
 }
