@@ -2,6 +2,7 @@
 //! the DNS server once while the answer lives, and ask again once it has expired; past
 //! `DNS_CACHE_NAMES` names, answers are asked for again. The DNS server is a fake on loopback
 //! that answers names under `cache.example.com` with 127.0.0.1 and counts the queries.
+
 mod support;
 
 use std::collections::HashMap;
