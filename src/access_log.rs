@@ -156,7 +156,7 @@ fn media_type(content_type: Option<&str>) -> &str {
     }
 }
 
-/// The records waiting for the writer, shared with the request path.
+/// The lines waiting for the writer, shared with the request path.
 struct Queue {
     pending: Mutex<Pending>,
     /// Told when a line lands in an empty queue.
@@ -164,7 +164,6 @@ struct Queue {
 }
 
 /// Formatted lines waiting for the writer.
-#[derive(Default)]
 struct Pending {
     text: String,
     lines: usize,
@@ -184,7 +183,7 @@ pub struct AccessLog {
     format: AccessLogFormat,
 }
 
-/// How long the writer lets records gather once woken. Requests do not wake it each: a
+/// How long the writer lets lines gather once woken. Requests do not wake it each: a
 /// cross-thread wake-up per request costs more than the line itself.
 const GATHER: Duration = Duration::from_millis(10);
 
